@@ -1,0 +1,134 @@
+"""Public entry point of the group novelty chain: validates its arguments and dispatches to the
+compiled extension (C++ on the CPU, CUDA on the GPU) through a ``torch.library`` custom op.
+
+Formulas: ``G2RL_METHOD.md`` sections 2-4 (normalise, Gram, novelty, shaping, standardisation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from g2rl_kernels.ops import group_novelty_op
+
+MODES = {"centered": 0, "eq12": 1}
+FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class NoveltyOutput(NamedTuple):
+    """Result of :func:`group_novelty`; every field is float32 (float64 from the reference)."""
+
+    cosine: torch.Tensor  # (B, G, G) S_ij
+    novelty: torch.Tensor  # (B, G) nu
+    shaped_rewards: torch.Tensor  # (B, G) clipped shaped reward r~
+    advantages: torch.Tensor  # (B, G) standardised r~
+
+
+def cuda_available() -> bool:
+    """True when the extension was built with its CUDA part."""
+    return group_novelty_op.cuda_extension() is not None
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def validate_novelty_args(
+    features: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    lam: float,
+    clip: float,
+    mode: str,
+    eps: float,
+    allow_float64: bool = False,
+    check_finite: bool = False,
+) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming the argument for any bad input.
+
+    ``check_finite`` scans the tensors for NaN/inf here (one host sync on CUDA); the CPU kernel
+    does that scan itself while it reads the features, for free.
+    """
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if features.dim() != 3:
+        raise ValueError(f"features must be 3-D (B, G, d), got {_shape(features)}")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be 2-D (B, G), got {_shape(rewards)}")
+    if features.shape[:2] != rewards.shape:
+        raise ValueError(
+            "features (B, G, d) and rewards (B, G) disagree on B or G: "
+            f"features {tuple(features.shape)}, rewards {tuple(rewards.shape)}"
+        )
+    allowed = FEATURE_DTYPES + ((torch.float64,) if allow_float64 else ())
+    if features.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"features must have a float dtype ({names}), got {_shape(features)}")
+    if not rewards.dtype.is_floating_point:
+        raise TypeError(f"rewards must have a float dtype, got {_shape(rewards)}")
+    if features.device != rewards.device:
+        raise ValueError(
+            f"features and rewards must be on one device, got {features.device} and "
+            f"{rewards.device}"
+        )
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if check_finite:
+        if features.numel() and not bool(torch.isfinite(features).all()):
+            raise ValueError(f"features contain NaN or inf ({_shape(features)})")
+        if rewards.numel() and not bool(torch.isfinite(rewards).all()):
+            raise ValueError(f"rewards contain NaN or inf ({_shape(rewards)})")
+
+
+def group_novelty(
+    features: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    lam: float = 0.5,
+    clip: float = 3.0,
+    mode: str = "centered",
+    eps: float = 1e-6,
+    scale_advantages: bool = True,
+) -> NoveltyOutput:
+    """Group cosines, novelty, shaped rewards and advantages of B groups of G responses.
+
+    One call does the whole chain for all groups (one kernel launch on CUDA), accumulating in
+    float32.
+
+    Args:
+        features: (B, G, d) sequence features Phi in float32, bfloat16 or float16, on the CPU or
+            a CUDA device; any strides.
+        rewards: (B, G) base rewards (float), same device.
+        lam: shaping strength lambda in [0, 1].
+        clip: shaped rewards are clipped to [-clip, clip].
+        mode: ``"centered"`` (f = 1 + lam (2 nubar - 1)) or ``"eq12"`` (f = 1 + lam r nubar).
+        eps: used in the norm, the peer weights and the std.
+        scale_advantages: divide by (group std + eps); otherwise only subtract the group mean.
+
+    Returns:
+        :class:`NoveltyOutput` of float32 tensors on the input device: cosine (B, G, G),
+        novelty (B, G), shaped_rewards (B, G), advantages (B, G).
+    """
+    validate_novelty_args(features, rewards, lam=lam, clip=clip, mode=mode, eps=eps,
+                          check_finite=features.is_cuda)
+    if features.is_cuda and not cuda_available():
+        raise ValueError(
+            f"features is a CUDA tensor ({_shape(features)}) but g2rl_kernels was built without "
+            "CUDA. Rebuild it where nvcc is found (CUDA_HOME, else /usr/local/cuda): "
+            "G2RL_BUILD_CUDA=1 pip install -e ."
+        )
+    out = torch.ops.g2rl.group_novelty(
+        features, rewards.to(torch.float32), float(lam), float(clip), MODES[mode], float(eps),
+        bool(scale_advantages),
+    )
+    return NoveltyOutput(*out)

@@ -1,0 +1,1 @@
+"""Kernel implementations (Triton, compiled extension bindings) behind the public functions."""

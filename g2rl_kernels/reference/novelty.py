@@ -1,0 +1,85 @@
+"""Plain PyTorch reference of the G2RL group novelty chain (spec sections 2-4).
+
+It is the oracle the compiled extension is tested against: every step is written out as the
+spec states it, in the dtype of the inputs (use float64 for an oracle).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from g2rl_kernels.novelty import NoveltyOutput, validate_novelty_args
+
+
+def group_novelty(
+    features: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    lam: float = 0.5,
+    clip: float = 3.0,
+    mode: str = "centered",
+    eps: float = 1e-6,
+    scale_advantages: bool = True,
+) -> NoveltyOutput:
+    """Reference group novelty, shaped rewards and advantages.
+
+    Args:
+        features: (B, G, d) sequence features Phi, any float dtype.
+        rewards: (B, G) base rewards r.
+
+    Returns:
+        NoveltyOutput with cosine (B, G, G), novelty (B, G), shaped_rewards (B, G) and
+        advantages (B, G), all in the promoted float dtype of the inputs (float64 in, float64 out).
+    """
+    validate_novelty_args(features, rewards, lam=lam, clip=clip, mode=mode, eps=eps,
+                          allow_float64=True)
+    dtype = torch.promote_types(features.dtype, rewards.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    phi = features.to(dtype)
+    r = rewards.to(dtype)
+    B, G, _ = phi.shape
+
+    # eq. 9: normalised directions; a zero vector stays zero, so its cosines are 0.
+    norms = torch.linalg.vector_norm(phi, dim=-1, keepdim=True)  # (B, G, 1)
+    P = phi / (norms + eps)
+    cosine = P @ P.transpose(1, 2)  # (B, G, G)
+
+    # eq. 10: peer weights proportional to exp(r_j), j != i. Shifting by the group max leaves
+    # the weights unchanged (the eps term is shifted with them) and avoids overflow.
+    m = r.max(dim=1, keepdim=True).values  # (B, 1)
+    e = torch.exp(r - m)  # (B, G)
+    off_diag = ~torch.eye(G, dtype=torch.bool, device=phi.device)  # (G, G)
+    num = e.unsqueeze(1) * off_diag  # (B, G, G): [b, i, j] = exp(r_j - m) [j != i]
+    den = num.sum(dim=-1, keepdim=True) + eps * torch.exp(-m).unsqueeze(-1)
+    w = num / den
+    # eq. 11
+    nu = torch.clamp(1.0 - (w * cosine.square()).sum(dim=-1), min=0.0)  # (B, G)
+
+    # min-max normalisation within the group; 0.5 where the spread is below 1e-6.
+    lo = nu.min(dim=1, keepdim=True).values
+    hi = nu.max(dim=1, keepdim=True).values
+    spread = hi - lo
+    flat = spread < 1e-6
+    nubar = torch.where(flat, torch.full_like(nu, 0.5), (nu - lo) / torch.where(flat, 1, spread))
+
+    # eqs. 12-13
+    if mode == "centered":
+        f = 1.0 + lam * (2.0 * nubar - 1.0)
+    else:  # "eq12"
+        f = 1.0 + lam * r * nubar
+    shaped = torch.clamp(r * f, -clip, clip)
+
+    # section 4: group standardisation, std with n - 1; a group of one gets 0.
+    mean = shaped.mean(dim=1, keepdim=True)
+    centred = shaped - mean
+    if G == 1:
+        adv = torch.zeros_like(shaped)
+    elif scale_advantages:
+        std = shaped.std(dim=1, keepdim=True)
+        adv = centred / (std + eps)
+    else:
+        adv = centred
+    return NoveltyOutput(cosine, nu, shaped, adv)

@@ -1,0 +1,154 @@
+"""Build and metadata of g2rl.
+
+The compiled extension is built against pybind11 only (no torch headers), so building it never
+needs PyTorch in the build environment and never depends on the installed torch's version or ABI:
+
+- ``g2rl_kernels._C``: C++ (CPU) group novelty, parallel over groups with OpenMP. Always built.
+- ``g2rl_kernels._C_cuda``: the CUDA implementation, compiled with plain ``nvcc`` and linked with
+  the static CUDA runtime. Built when ``G2RL_BUILD_CUDA`` is ``1``, or ``auto`` (the default) and
+  a CUDA compiler is found (``$CUDA_HOME/bin/nvcc``, else ``/usr/local/cuda/bin/nvcc``, else
+  ``nvcc`` on the PATH). ``G2RL_CUDA_ARCH`` (default ``80;86;89;90``) picks the GPU targets; PTX
+  of the last one is embedded too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = "csrc"
+
+
+def find_nvcc() -> str | None:
+    """The CUDA compiler to use: CUDA_HOME, else /usr/local/cuda, else the PATH."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def want_cuda() -> str | None:
+    """nvcc's path if the CUDA part is to be built; raises if it is asked for and missing."""
+    mode = os.environ.get("G2RL_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("0", "1", "auto"):
+        raise RuntimeError(f"G2RL_BUILD_CUDA must be 0, 1 or auto, got {mode!r}")
+    if mode == "0":
+        return None
+    nvcc = find_nvcc()
+    if nvcc is None and mode == "1":
+        raise RuntimeError(
+            "G2RL_BUILD_CUDA=1 but no nvcc was found (set CUDA_HOME or put nvcc on the PATH)"
+        )
+    return nvcc
+
+
+def cuda_arch_flags() -> list[str]:
+    archs = [a.strip() for a in os.environ.get("G2RL_CUDA_ARCH", "80;86;89;90").split(";") if a]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return flags
+
+
+class BuildExt(build_ext):
+    """build_ext that first compiles an extension's ``cuda_sources`` with nvcc."""
+
+    def build_extension(self, ext):  # noqa: D102
+        cuda_sources = getattr(ext, "cuda_sources", [])
+        if cuda_sources:
+            nvcc = ext.nvcc
+            out_dir = Path(self.build_temp) / "cuda"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for src in cuda_sources:
+                obj = out_dir / (Path(src).stem + ".o")
+                cmd = [
+                    nvcc, "-c", str(ROOT / src), "-o", str(obj), "-O3", "-std=c++17",
+                    "-Xcompiler", "-fPIC", f"-I{ROOT / CSRC}", *cuda_arch_flags(),
+                ]
+                print(" ".join(cmd), flush=True)
+                subprocess.check_call(cmd)
+                ext.extra_objects.append(str(obj))
+        super().build_extension(ext)
+
+
+def extensions() -> list[Pybind11Extension]:
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cpu = Pybind11Extension(
+        "g2rl_kernels._C",
+        [f"{CSRC}/group_novelty_cpu.cpp"],
+        include_dirs=[CSRC],
+        extra_compile_args=["-O3", *openmp],
+        extra_link_args=openmp,
+        cxx_std=17,
+    )
+    exts = [cpu]
+    nvcc = want_cuda()
+    if nvcc is not None:
+        cuda_home = Path(nvcc).resolve().parent.parent
+        lib_dirs = [str(p) for p in (cuda_home / "lib64", cuda_home / "lib") if p.is_dir()]
+        cuda = Pybind11Extension(
+            "g2rl_kernels._C_cuda",
+            [f"{CSRC}/group_novelty_cuda_bind.cpp"],
+            include_dirs=[CSRC],
+            library_dirs=lib_dirs,
+            libraries=["cudart_static", "rt", "pthread", "dl"],
+            extra_compile_args=["-O3"],
+            cxx_std=17,
+        )
+        cuda.cuda_sources = [f"{CSRC}/group_novelty_cuda.cu"]
+        cuda.nvcc = nvcc
+        exts.append(cuda)
+    return exts
+
+
+TEST_REQUIRES = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "datasets>=2.19"]
+
+setup(
+    name="g2rl",
+    version="0.1.0",
+    description=(
+        "Gradient-Guided Reinforcement Learning (G2RL) for LLMs: fused sensitivity kernels, "
+        "a compiled group-novelty extension and a GRPO trainer"
+    ),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8")
+    if (ROOT / "README.md").exists()
+    else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["g2rl", "g2rl.*", "g2rl_kernels", "g2rl_kernels.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExt},
+    # torch is not pinned here: install the build you want first (README); with torch already
+    # installed this range installs nothing more.
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.51",
+        "safetensors",
+        "math-verify>=0.7",
+        "tqdm",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": TEST_REQUIRES,
+        "dev": [*TEST_REQUIRES, "ruff"],
+        "vllm": ["vllm==0.11.0"],
+    },
+    entry_points={"console_scripts": ["g2rl-train=g2rl.train:main", "g2rl-eval=g2rl.eval:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C++",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
