@@ -82,7 +82,15 @@ int64_t count_non_finite(const float* row, int64_t d) {
   return bad;
 }
 
-// Dot product with 32 independent float32 accumulators (vectorisable without -ffast-math).
+// Compiled for AVX-512, AVX2 and baseline x86-64, picked when the module loads.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define G2RL_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define G2RL_TARGETS
+#endif
+
+// Dot product with 32 independent float32 accumulators (vectorisable without -ffast-math),
+// folded pairwise at the end so that the fold vectorises too.
 inline float dot(const float* a, const float* b, int64_t d) {
   constexpr int L = 32;
   float acc[L] = {0.f};
@@ -90,32 +98,38 @@ inline float dot(const float* a, const float* b, int64_t d) {
   for (; k + L <= d; k += L) {
     for (int l = 0; l < L; ++l) acc[l] += a[k + l] * b[k + l];
   }
-  float s = 0.f;
-  for (; k < d; ++k) s += a[k] * b[k];
-  for (int l = 0; l < L; ++l) s += acc[l];
-  return s;
+  for (int64_t l = 0; k < d; ++k, ++l) acc[l] += a[k] * b[k];
+  for (int w = L / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  }
+  return acc[0];
+}
+
+// Upper triangle (j >= i) of the raw Gram X X^T of one group's rows, one dot product per pair.
+G2RL_TARGETS
+void gram_upper_dots(const float* const* rows, int64_t G, int64_t d, float* S) {
+  for (int64_t i = 0; i < G; ++i) {
+    for (int64_t j = i; j < G; ++j) S[i * G + j] = dot(rows[i], rows[j], d);
+  }
 }
 
 // Norms (+ eps) and the cosine matrix S (G, G) of one group's rows; returns how many feature
-// values are NaN or inf. Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-int64_t gram_group(const float* const* rows, int64_t G, int64_t d, float eps, float* norm,
-                   float* S) {
+// values are NaN or inf.
+int64_t cosine_group(const float* const* rows, int64_t G, int64_t d, float eps, float* norm,
+                     float* S) {
+  gram_upper_dots(rows, G, d, S);
   int64_t non_finite = 0;
   for (int64_t i = 0; i < G; ++i) {
-    const float ss = dot(rows[i], rows[i], d);
+    const float ss = S[i * G + i];
     // A NaN or inf in the row makes its sum of squares non-finite: only then look closer.
     if (!std::isfinite(ss)) non_finite += count_non_finite(rows[i], d);
     norm[i] = sqrtf(ss) + eps;
   }
-  // Gram of the normalised directions: symmetric, so only i <= j is computed.
   for (int64_t i = 0; i < G; ++i) {
     for (int64_t j = i; j < G; ++j) {
-      const float s = dot(rows[i], rows[j], d) / (norm[i] * norm[j]);
-      S[i * G + j] = s;
-      S[j * G + i] = s;
+      const float c = S[i * G + j] / (norm[i] * norm[j]);
+      S[i * G + j] = c;
+      S[j * G + i] = c;
     }
   }
   return non_finite;
@@ -156,7 +170,7 @@ int64_t group_novelty_cpu(uintptr_t feat_ptr, int dtype, int64_t B, int64_t G, i
         load_group(group, dtype, G, d, sG, sd, buf.data());
         for (int64_t i = 0; i < G; ++i) rows[i] = buf.data() + i * d;
       }
-      non_finite += gram_group(rows.data(), G, d, feps, norm.data(), cosine + b * G * G);
+      non_finite += cosine_group(rows.data(), G, d, feps, norm.data(), cosine + b * G * G);
       for (int64_t i = 0; i < G; ++i) {
         r[i] = rew[b * rB + i * rG];
         non_finite += std::isfinite(r[i]) ? 0 : 1;

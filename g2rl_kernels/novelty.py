@@ -43,13 +43,14 @@ def validate_novelty_args(
     clip: float,
     mode: str,
     eps: float,
-    allow_float64: bool = False,
-    check_finite: bool = False,
+    reference: bool = False,
+    check_finite: bool | None = None,
 ) -> None:
     """Raise a ``TypeError``/``ValueError`` naming the argument for any bad input.
 
-    ``check_finite`` scans the tensors for NaN/inf here (one host sync on CUDA); the CPU kernel
-    does that scan itself while it reads the features, for free.
+    ``reference`` relaxes the checks for the plain PyTorch reference: float64 is allowed and no
+    compiled extension is needed. ``check_finite`` scans the tensors for NaN/inf here (one host sync on CUDA); None means "on
+    CUDA only": the CPU kernel does that scan itself while it reads the features, for free.
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -64,7 +65,7 @@ def validate_novelty_args(
             "features (B, G, d) and rewards (B, G) disagree on B or G: "
             f"features {tuple(features.shape)}, rewards {tuple(rewards.shape)}"
         )
-    allowed = FEATURE_DTYPES + ((torch.float64,) if allow_float64 else ())
+    allowed = FEATURE_DTYPES + ((torch.float64,) if reference else ())
     if features.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise TypeError(f"features must have a float dtype ({names}), got {_shape(features)}")
@@ -83,6 +84,14 @@ def validate_novelty_args(
         raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if features.is_cuda and not reference and not cuda_available():
+        raise ValueError(
+            f"features is a CUDA tensor ({_shape(features)}) but g2rl_kernels was built without "
+            "CUDA. Rebuild it where nvcc is found (CUDA_HOME, else /usr/local/cuda): "
+            "G2RL_BUILD_CUDA=1 pip install -e ."
+        )
+    if check_finite is None:
+        check_finite = features.is_cuda
     if check_finite:
         if features.numel() and not bool(torch.isfinite(features).all()):
             raise ValueError(f"features contain NaN or inf ({_shape(features)})")
@@ -119,16 +128,17 @@ def group_novelty(
         :class:`NoveltyOutput` of float32 tensors on the input device: cosine (B, G, G),
         novelty (B, G), shaped_rewards (B, G), advantages (B, G).
     """
-    validate_novelty_args(features, rewards, lam=lam, clip=clip, mode=mode, eps=eps,
-                          check_finite=features.is_cuda)
-    if features.is_cuda and not cuda_available():
-        raise ValueError(
-            f"features is a CUDA tensor ({_shape(features)}) but g2rl_kernels was built without "
-            "CUDA. Rebuild it where nvcc is found (CUDA_HOME, else /usr/local/cuda): "
-            "G2RL_BUILD_CUDA=1 pip install -e ."
-        )
-    out = torch.ops.g2rl.group_novelty(
-        features, rewards.to(torch.float32), float(lam), float(clip), MODES[mode], float(eps),
-        bool(scale_advantages),
-    )
-    return NoveltyOutput(*out)
+    validate_novelty_args(features, rewards, lam=lam, clip=clip, mode=mode, eps=eps)
+    args = (features, rewards.to(torch.float32), float(lam), float(clip), MODES[mode], float(eps),
+            bool(scale_advantages))
+    if torch.compiler.is_compiling() or not _plain_tensors(features, rewards):
+        return NoveltyOutput(*torch.ops.g2rl.group_novelty(*args))
+    # eager: call the kernel directly and skip the dispatcher's overhead
+    if features.is_cuda:
+        return NoveltyOutput(*group_novelty_op.group_novelty_cuda(*args))
+    return NoveltyOutput(*group_novelty_op.group_novelty_cpu(*args))
+
+
+def _plain_tensors(*tensors: torch.Tensor) -> bool:
+    """True for ordinary dense CPU/CUDA tensors (not fake, meta or tensor subclasses)."""
+    return all(type(t) is torch.Tensor and t.device.type in ("cpu", "cuda") for t in tensors)

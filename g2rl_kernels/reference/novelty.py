@@ -32,7 +32,7 @@ def group_novelty(
         advantages (B, G), all in the promoted float dtype of the inputs (float64 in, float64 out).
     """
     validate_novelty_args(features, rewards, lam=lam, clip=clip, mode=mode, eps=eps,
-                          allow_float64=True)
+                          reference=True, check_finite=False)
     dtype = torch.promote_types(features.dtype, rewards.dtype)
     if not dtype.is_floating_point:
         dtype = torch.float32
