@@ -54,20 +54,22 @@ G2RL_HD void shape_and_standardise(int64_t G, const float* r, const float* nu, f
   }
   const float spread = hi - lo;
   const bool flat = spread < 1e-6f;
-  float sum = 0.f;
   for (int64_t k = 0; k < G; ++k) {
     const float nubar = flat ? 0.5f : (nu[k] - lo) / spread;
     const float f = mode == kCentered ? 1.f + lam * (2.f * nubar - 1.f) : 1.f + lam * r[k] * nubar;
     float s = r[k] * f;
     s = s > clip ? clip : (s < -clip ? -clip : s);
     shaped[k] = s;
-    sum += s;
   }
   if (G == 1) {
     adv[0] = 0.f;
     return;
   }
-  const float mean = sum / (float)G;
+  // Mean shifted by the first value: equal shaped rewards give deviations of exactly 0 (an
+  // unshifted float32 mean can be off by an ulp, which the division by std + eps would blow up).
+  float dev = 0.f;
+  for (int64_t k = 1; k < G; ++k) dev += shaped[k] - shaped[0];
+  const float mean = shaped[0] + dev / (float)G;
   float ss = 0.f;
   for (int64_t k = 0; k < G; ++k) {
     const float c = shaped[k] - mean;
