@@ -49,8 +49,9 @@ def validate_novelty_args(
     """Raise a ``TypeError``/``ValueError`` naming the argument for any bad input.
 
     ``reference`` relaxes the checks for the plain PyTorch reference: float64 is allowed and no
-    compiled extension is needed. ``check_finite`` scans the tensors for NaN/inf here (one host sync on CUDA); None means "on
-    CUDA only": the CPU kernel does that scan itself while it reads the features, for free.
+    compiled extension is needed. ``check_finite`` scans the tensors for NaN/inf here (one host
+    sync on CUDA); None means "on CUDA only": the CPU kernel does that scan itself while it
+    reads the features, for free.
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")

@@ -101,18 +101,23 @@ def group_novelty_cuda(
     """Same as :func:`group_novelty_cpu` on CUDA tensors: one launch on the current stream."""
     ext = cuda_extension()
     if ext is None:
-        raise RuntimeError("g2rl_kernels was built without CUDA (G2RL_BUILD_CUDA=1 pip install -e .)")
+        raise RuntimeError(
+            "g2rl_kernels was built without CUDA (rebuild: G2RL_BUILD_CUDA=1 pip install -e .)"
+        )
     G = features.shape[1]
     if G > ext.max_group_size:
         raise ValueError(f"features: group size G={G} exceeds the CUDA kernel's limit "
                          f"{ext.max_group_size}")
-    outs = _outputs(features)
     device = features.device
-    stream = torch.cuda.current_stream(device).cuda_stream
-    ext.group_novelty(
-        device.index, stream, *_args(features, rewards, outs), lam, clip, mode, eps,
-        scale_advantages,
-    )
+    # torch's current device is made the features' one, so that the extension's own (static)
+    # CUDA runtime, which selects the same device, leaves the thread's context as torch expects.
+    with torch.cuda.device(device):
+        outs = _outputs(features)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        ext.group_novelty(
+            device.index, stream, *_args(features, rewards, outs), lam, clip, mode, eps,
+            scale_advantages,
+        )
     return outs
 
 
