@@ -105,11 +105,51 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return acc[0];
 }
 
-// Upper triangle (j >= i) of the raw Gram X X^T of one group's rows, one dot product per pair.
+// Four dot products <a, b_c>, c < 4, sharing the loads of a: 4 x 16 accumulators.
+inline void dot4(const float* a, const float* b0, const float* b1, const float* b2,
+                 const float* b3, int64_t d, float* out) {
+  constexpr int L = 16;
+  float c0[L] = {0.f}, c1[L] = {0.f}, c2[L] = {0.f}, c3[L] = {0.f};
+  int64_t k = 0;
+  for (; k + L <= d; k += L) {
+    for (int l = 0; l < L; ++l) {
+      const float x = a[k + l];
+      c0[l] += x * b0[k + l];
+      c1[l] += x * b1[k + l];
+      c2[l] += x * b2[k + l];
+      c3[l] += x * b3[k + l];
+    }
+  }
+  for (int64_t l = 0; k < d; ++k, ++l) {
+    const float x = a[k];
+    c0[l] += x * b0[k];
+    c1[l] += x * b1[k];
+    c2[l] += x * b2[k];
+    c3[l] += x * b3[k];
+  }
+  for (int w = L / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) {
+      c0[l] += c0[l + w];
+      c1[l] += c1[l + w];
+      c2[l] += c2[l + w];
+      c3[l] += c3[l + w];
+    }
+  }
+  out[0] = c0[0];
+  out[1] = c1[0];
+  out[2] = c2[0];
+  out[3] = c3[0];
+}
+
+// Upper triangle (j >= i) of the raw Gram X X^T of one group's rows.
 G2RL_TARGETS
 void gram_upper_dots(const float* const* rows, int64_t G, int64_t d, float* S) {
   for (int64_t i = 0; i < G; ++i) {
-    for (int64_t j = i; j < G; ++j) S[i * G + j] = dot(rows[i], rows[j], d);
+    int64_t j = i;
+    for (; j + 4 <= G; j += 4) {
+      dot4(rows[i], rows[j], rows[j + 1], rows[j + 2], rows[j + 3], d, S + i * G + j);
+    }
+    for (; j < G; ++j) S[i * G + j] = dot(rows[i], rows[j], d);
   }
 }
 
