@@ -108,7 +108,7 @@ def extensions() -> list[Pybind11Extension]:
     return exts
 
 
-TEST_REQUIRES = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "datasets>=2.19"]
+TEST_REQUIRES = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"]
 
 setup(
     name="g2rl",
@@ -135,6 +135,7 @@ setup(
         "transformers>=4.51",
         "safetensors",
         "math-verify>=0.7",
+        "datasets>=2.19",
         "tqdm",
         "pyyaml",
         "matplotlib",
@@ -142,7 +143,8 @@ setup(
     extras_require={
         "test": TEST_REQUIRES,
         "dev": [*TEST_REQUIRES, "ruff"],
-        "vllm": ["vllm==0.11.0"],
+        # the version the vLLM rollout was written against (its torch is 2.13.0 too)
+        "vllm": ["vllm==0.32.0"],
     },
     entry_points={"console_scripts": ["g2rl-train=g2rl.train:main", "g2rl-eval=g2rl.eval:main"]},
     classifiers=[

@@ -1,0 +1,265 @@
+"""Evaluation: pass@1, maj@k and unbiased pass@k from ``n`` samples per prompt.
+
+Library use: :func:`evaluate`. Command line::
+
+    python -m g2rl.eval --checkpoint DIR --data SRC [--n 8] [--k 1 4 8] [--output results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from g2rl.data import Example, encode_prompt, load_examples
+from g2rl.metrics import maj_at_k, mean, pass_at_k
+
+__all__ = ["evaluate", "main", "reward_functions"]
+
+DEFAULT_MAX_NEW_TOKENS = {"math": 1024, "builtin": 16}
+DEFAULT_BUILTIN_PROBLEMS = 200
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    reward_fn: Callable[[str, str], float],
+    answer_fn: Callable[[str], str | None],
+    n: int = 4,
+    ks: Sequence[int] = (1,),
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    batch_size: int = 64,
+    system_prompt: str | None = None,
+    rollout: Any = None,
+    progress: bool = True,
+    return_samples: bool = False,
+) -> dict[str, Any]:
+    """Sample ``n`` responses per example and score them.
+
+    A sample is correct when ``reward_fn(completion, answer) > 0``. Returns a dict with
+    ``pass@1`` (mean correctness over all samples), and for each ``k`` in ``ks``
+    ``pass@k`` (unbiased estimator, mean over prompts) and ``maj@k`` (majority vote of the
+    first ``k`` samples' ``answer_fn`` answers, ties broken at random with ``seed``), plus
+    ``n_prompts``, ``n_samples``, ``n``, ``mean_reward``, ``truncated_frac`` and
+    ``mean_response_len`` (tokens); with ``return_samples`` also ``samples`` (one record per
+    sample).
+
+    ``rollout`` (an object with ``generate(prompts, n, seed=...)``, e.g. the trainer's) is used
+    when given; otherwise an :class:`~g2rl.rollout.HFRollout` with ``temperature``, ``top_p``
+    and ``max_new_tokens``. ``batch_size`` bounds the sequences (prompts x n) per call.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ks = sorted(set(int(k) for k in ks) | {1})
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad:
+        raise ValueError(f"every k must be in [1, n={n}], got {bad}")
+    if rollout is None:
+        from g2rl.rollout import HFRollout
+
+        rollout = HFRollout(
+            model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, batch_size=batch_size,
+        )
+    from tqdm.auto import tqdm
+
+    per_call = max(1, batch_size // n)
+    correct: list[list[bool]] = []
+    answers: list[list[str | None]] = []
+    rewards: list[float] = []
+    truncated: list[bool] = []
+    lengths: list[int] = []
+    samples: list[dict[str, Any]] = []
+    bar = tqdm(total=len(examples), desc="eval", unit="prompt", disable=not progress)
+    try:
+        for start in range(0, len(examples), per_call):
+            chunk = examples[start:start + per_call]
+            prompts = [encode_prompt(tokenizer, ex.prompt, system_prompt) for ex in chunk]
+            batch = rollout.generate(prompts, n, seed=seed * 1_000_003 + start)
+            for j, ex in enumerate(chunk):
+                row_ok: list[bool] = []
+                row_ans: list[str | None] = []
+                for s in range(j * n, (j + 1) * n):
+                    text = batch.texts[s]
+                    r = float(reward_fn(text, ex.answer))
+                    ans = answer_fn(text)
+                    row_ok.append(r > 0)
+                    row_ans.append(ans)
+                    rewards.append(r)
+                    truncated.append(bool(batch.truncated[s]))
+                    lengths.append(len(batch.response_ids[s]))
+                    if return_samples:
+                        samples.append({"prompt": ex.prompt, "gold": ex.answer, "completion": text,
+                                        "answer": ans, "reward": r})
+                correct.append(row_ok)
+                answers.append(row_ans)
+            bar.update(len(chunk))
+            bar.set_postfix(pass1=f"{mean(c for row in correct for c in row):.3f}")
+    finally:
+        bar.close()
+
+    rng = random.Random(seed)
+    out: dict[str, Any] = {
+        "n_prompts": len(examples),
+        "n_samples": len(rewards),
+        "n": n,
+        "pass@1": mean(c for row in correct for c in row),
+    }
+    for k in ks:
+        out[f"pass@{k}"] = mean(pass_at_k(n, sum(row), k) for row in correct)
+        votes = zip(answers, correct, strict=True)
+        out[f"maj@{k}"] = mean(maj_at_k(a, c, k, rng) for a, c in votes)
+    out["pass@1"] = mean(c for row in correct for c in row)  # == mean of pass_at_k(n, c, 1)
+    out["mean_reward"] = mean(rewards)
+    out["truncated_frac"] = mean(truncated)
+    out["mean_response_len"] = mean(lengths)
+    if return_samples:
+        out["samples"] = samples
+    return out
+
+
+def reward_functions(kind: str) -> tuple[Callable[[str, str], float], Callable[[str], str | None]]:
+    """``(reward_fn, answer_fn)`` for ``"math"`` (math-verify on the boxed answer) or
+    ``"builtin"`` (the trainer's built-in task, imported lazily)."""
+    if kind == "math":
+        from g2rl.rewards import extract_boxed, math_reward
+
+        return math_reward, extract_boxed
+    if kind == "builtin":
+        from g2rl import task
+
+        return task.reward, task.extract_answer
+    raise ValueError(f"unknown reward {kind!r}; choose math or builtin")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m g2rl.eval",
+        description="pass@1, maj@k and unbiased pass@k of a checkpoint on a dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="directory with a transformers model and tokenizer (save_pretrained)")
+    p.add_argument("--data", required=True,
+                   help="'builtin', a .jsonl file, a datasets directory or a hub dataset name")
+    p.add_argument("--split", default=None,
+                   help="dataset split (default: 'test' for builtin, the only one otherwise)")
+    p.add_argument("--prompt-field", default="prompt", help="prompt field of the data")
+    p.add_argument("--answer-field", default="answer", help="gold answer field of the data")
+    p.add_argument("--limit", type=int, default=None,
+                   help=f"at most this many problems (builtin: default {DEFAULT_BUILTIN_PROBLEMS})")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--k", type=int, nargs="+", default=None,
+                   help="k values for pass@k / maj@k (default: 1 and n)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="response budget (default: 1024 for math, 16 for builtin)")
+    p.add_argument("--reward", choices=("math", "builtin"), default=None,
+                   help="verifier (default: builtin for --data builtin, else math)")
+    p.add_argument("--system-prompt", default=None,
+                   help="system prompt (default: the paper's for math, none for builtin)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--seed", type=int, default=0, help="sampling and tie-breaking seed")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the built-in task's problem generator (--data builtin)")
+    p.add_argument("--rollout", choices=("hf", "vllm", "auto"), default="hf",
+                   help="generation engine")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--output", default=None, help="write the results as JSON to this file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("n", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    ks = args.k if args.k is not None else sorted({1, args.n})
+    bad = [k for k in ks if not 1 <= k <= args.n]
+    if bad:
+        parser.error(f"--k values must be between 1 and --n={args.n}, got {bad}")
+    ckpt = Path(args.checkpoint).expanduser()
+    if not ckpt.is_dir():
+        parser.error(f"--checkpoint: directory not found: {ckpt}")
+    if not (ckpt / "config.json").is_file():
+        parser.error(f"--checkpoint: {ckpt} has no config.json (not a save_pretrained model)")
+
+    builtin = args.data == "builtin"
+    reward_kind = args.reward or ("builtin" if builtin else "math")
+    if builtin:
+        from g2rl import task
+
+        args.split = args.split or "test"
+        examples = task.make_examples(args.split, args.limit or DEFAULT_BUILTIN_PROBLEMS,
+                                      seed=args.data_seed)
+    else:
+        try:
+            examples = load_examples(args.data, split=args.split, limit=args.limit,
+                                     prompt_field=args.prompt_field, answer_field=args.answer_field)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            parser.error(f"--data: {msg}")
+    if not examples:
+        parser.error(f"--data: {args.data} has no examples")
+    system_prompt = args.system_prompt
+    if system_prompt is None and reward_kind == "math":
+        from g2rl.rewards import MATH_SYSTEM_PROMPT
+
+        system_prompt = MATH_SYSTEM_PROMPT
+    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[reward_kind]
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt)).to(device)
+    reward_fn, answer_fn = reward_functions(reward_kind)
+    rollout = None
+    if args.rollout != "hf":
+        from g2rl.rollout import make_rollout
+
+        rollout = make_rollout(args.rollout, model, tokenizer, max_new_tokens=max_new,
+                               temperature=args.temperature, top_p=args.top_p,
+                               batch_size=args.batch_size, seed=args.seed)
+    results = evaluate(
+        model, tokenizer, examples, reward_fn=reward_fn, answer_fn=answer_fn, n=args.n, ks=ks,
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new, seed=args.seed,
+        batch_size=args.batch_size, system_prompt=system_prompt, rollout=rollout,
+        progress=not args.no_progress,
+    )
+    results["config"] = {
+        "checkpoint": str(ckpt), "data": args.data, "split": args.split, "reward": reward_kind,
+        "n": args.n, "k": ks, "temperature": args.temperature, "top_p": args.top_p,
+        "max_new_tokens": max_new, "seed": args.seed, "system_prompt": system_prompt,
+        "limit": args.limit, "data_seed": args.data_seed if builtin else None,
+    }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        out = Path(args.output).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
