@@ -1,0 +1,351 @@
+"""``python -m g2rl.train``: SFT warm-start (built-in task), evaluation, G2RL / GRPO, evaluation.
+
+A run directory holds ``config.yaml`` (the resolved options), ``metrics.jsonl`` (one line per
+RL step), ``checkpoints/`` (see :mod:`g2rl.checkpoint`), ``reference/`` (the frozen KL
+reference, when it is not the starting model), ``eval_summary.json`` (held-out pass@1 / pass@k
+/ maj@k before SFT, at the start of RL and at the end) and ``training.png``.
+
+Exit codes: 0 done, 1 non-finite loss (the last good checkpoint is kept), 2 bad option or
+input, 130 interrupted (a checkpoint was saved).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from g2rl.config import ConfigError, TrainConfig, parse_config, save_yaml
+
+log = logging.getLogger("g2rl.train")
+
+
+class RunError(RuntimeError):
+    """A problem with the inputs of a run (message ready for the user)."""
+
+
+# ---------------------------------------------------------------------- setup helpers
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    """The run directory: --output-dir, or with --resume the newest run under runs/, or a new
+    runs/<timestamp>."""
+    from g2rl.checkpoint import latest_checkpoint
+
+    if cfg.output_dir:
+        run = Path(cfg.output_dir).expanduser()
+        if cfg.resume:
+            if not run.is_dir():
+                raise RunError(f"--resume: run directory not found: {run}")
+        elif latest_checkpoint(run / "checkpoints") is not None:
+            raise RunError(f"--output-dir {run} already holds checkpoints; add --resume to "
+                           "continue that run, or choose another directory")
+        return run
+    runs = Path("runs")
+    if cfg.resume:
+        found = sorted((p for p in runs.glob("*") if latest_checkpoint(p / "checkpoints")),
+                       key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+        if not found:
+            raise RunError("--resume: no run with a checkpoint under runs/; give --output-dir")
+        return found[-1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = runs / stamp
+    k = 1
+    while run.exists():
+        run = runs / f"{stamp}-{k}"
+        k += 1
+    return run
+
+
+def model_source(cfg: TrainConfig) -> Path:
+    if cfg.model == "tiny":
+        from g2rl.tiny_model import tiny_model_path
+
+        return tiny_model_path(cfg.cache_dir)
+    path = Path(cfg.model).expanduser()
+    if not (path / "config.json").is_file():
+        raise RunError(f"--model {cfg.model}: no config.json in that directory (not a "
+                       "transformers model saved with save_pretrained)")
+    return path
+
+
+def device_and_dtype(cfg: TrainConfig) -> tuple[Any, Any]:
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[cfg.dtype]
+    return device, dtype
+
+
+def load_model(path: Path, device: Any, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device)
+
+
+def load_data(cfg: TrainConfig) -> tuple[list, list]:
+    """(training examples, held-out examples)."""
+    from g2rl import task
+
+    if cfg.builtin:
+        train = task.make_examples("train", cfg.train_problems, seed=0)
+        if cfg.data_limit:
+            train = train[: cfg.data_limit]
+    else:
+        train = _load(cfg.data, "--data", cfg.data_split, cfg.data_limit)
+    held_out: list = []
+    if cfg.eval_problems > 0:
+        if cfg.eval_data and cfg.eval_data != "builtin":
+            held_out = _load(cfg.eval_data, "--eval-data", cfg.eval_split, cfg.eval_problems)
+        elif cfg.builtin or cfg.eval_data == "builtin":
+            held_out = task.make_examples("test", cfg.eval_problems, seed=0)
+    if not train:
+        raise RunError(f"--data {cfg.data}: no examples")
+    return train, held_out
+
+
+def _load(source: str, option: str, split: str | None, limit: int | None) -> list:
+    from g2rl.data import load_examples
+
+    try:
+        return load_examples(source, split=split, limit=limit)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise RunError(f"{option} {source}: {msg}") from exc
+
+
+# ---------------------------------------------------------------------- metrics files
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records of steps after ``last_step`` (written by a run killed before its save)."""
+    from g2rl.checkpoint import write_text_atomic
+    from g2rl.plot import read_metrics
+
+    if not path.is_file():
+        return
+    keep = [r for r in read_metrics(path) if int(r.get("step", 0)) <= last_step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+# ---------------------------------------------------------------------- the run
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training as configured; returns the evaluation summary."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from g2rl import checkpoint as ck
+    from g2rl.eval import evaluate, reward_functions
+    from g2rl.plot import plot_run, read_metrics
+    from g2rl.rewards import MATH_SYSTEM_PROMPT
+    from g2rl.rollout import make_rollout
+    from g2rl.sft import run_sft
+    from g2rl.trainer import StopRequested, Trainer
+
+    t_start = time.perf_counter()
+    _quiet_transformers()
+    device, dtype = device_and_dtype(cfg)
+    threads = cfg.threads or (1 if cfg.model == "tiny" and device.type == "cpu" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    seed_everything(cfg.seed)
+    run_dir = resolve_run_dir(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    latest = ck.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if cfg.resume and latest is None:
+        raise RunError(f"--resume: no complete checkpoint in {ckpt_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say = tqdm.write
+
+    reward_kind = cfg.resolved_reward()
+    reward_fn, answer_fn = reward_functions(reward_kind)
+    system_prompt = cfg.system_prompt
+    if system_prompt is None and reward_kind == "math":
+        system_prompt = MATH_SYSTEM_PROMPT
+    train_examples, held_out = load_data(cfg)
+    source = model_source(cfg)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_model(source, device, dtype)
+    sft_steps = cfg.resolved_sft_steps()
+    resolved = {"resolved": {"run_dir": str(run_dir), "model_path": str(source),
+                             "reward": reward_kind, "sft_steps": sft_steps,
+                             "system_prompt": system_prompt, "device": str(device),
+                             "dtype": str(dtype).removeprefix("torch.")}}
+    if not cfg.resume:
+        save_yaml(cfg, run_dir / "config.yaml", resolved)
+
+    summary_path = run_dir / "eval_summary.json"
+    evals: dict[str, Any] = {}
+    if summary_path.is_file():
+        evals = json.loads(summary_path.read_text(encoding="utf-8"))
+
+    def do_eval(name: str, label: str) -> None:
+        if not held_out:
+            return
+        res = evaluate(model, tokenizer, held_out, reward_fn=reward_fn, answer_fn=answer_fn,
+                       n=cfg.eval_n, ks=[k for k in cfg.ks() if k <= cfg.eval_n],
+                       temperature=cfg.eval_temperature, top_p=cfg.top_p,
+                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 12345,
+                       batch_size=cfg.eval_batch_size, system_prompt=system_prompt,
+                       progress=False)
+        res["when"] = label
+        evals[name] = res
+        ck.write_text_atomic(summary_path, json.dumps(evals, indent=2) + "\n")
+        say(f"eval {label}: pass@1 {res['pass@1']:.3f}  " + "  ".join(
+            f"{k} {v:.3f}" for k, v in res.items() if k.startswith(("pass@", "maj@"))
+            and k != "pass@1"))
+
+    ref_dir = run_dir / "reference"
+    with StopRequested() as stop:
+        if latest is None:
+            # ------------------------------------------------ fresh run: SFT warm start
+            if sft_steps > 0:
+                if cfg.eval_before_sft:
+                    do_eval("before_sft", "before SFT")
+                say(f"SFT warm-start: {sft_steps} steps")
+                run_sft(model, tokenizer, train_examples, steps=sft_steps,
+                        batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed,
+                        system_prompt=system_prompt, progress=cfg.progress, should_stop=stop)
+                if cfg.kl_coef > 0:
+                    model.save_pretrained(ref_dir, safe_serialization=True)
+            do_eval("start", "start of RL" + (" (after SFT)" if sft_steps > 0 else ""))
+        ref_model = None
+        if cfg.kl_coef > 0:
+            ref_src = ref_dir if (ref_dir / "config.json").is_file() else source
+            ref_model = load_model(ref_src, device, dtype).eval()
+            ref_model.requires_grad_(False)
+
+        rollout_kw: dict[str, Any] = dict(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            top_k=cfg.top_k, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            enable_sleep_mode=cfg.vllm_sleep, seed=cfg.seed,
+        )
+        rollout = make_rollout(cfg.rollout, model, tokenizer, **rollout_kw)
+        trainer = Trainer(cfg, model, tokenizer, train_examples, reward_fn, rollout,
+                          ref_model=ref_model, system_prompt=system_prompt)
+        metrics_path = run_dir / "metrics.jsonl"
+        if latest is None:
+            ck.save_checkpoint(ckpt_dir, 0, model, tokenizer, trainer.optimizer, trainer.state(),
+                               keep=cfg.keep_checkpoints)
+            metrics_path.unlink(missing_ok=True)
+        else:
+            state = ck.load_checkpoint(latest, model, trainer.optimizer)
+            trainer.load_state(state)
+            rollout.sync_weights(model)
+            truncate_metrics(metrics_path, trainer.step_count)
+            say(f"resumed {run_dir} from {latest.name} (step {trainer.step_count})")
+
+        prior = read_metrics(metrics_path)
+        elapsed0 = prior[-1]["elapsed"] if prior and "elapsed" in prior[-1] else 0.0
+        t_loop = time.perf_counter()
+        saved_step = trainer.step_count
+        bar = tqdm(total=cfg.steps, initial=trainer.step_count, desc=f"{cfg.method}",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        try:
+            while trainer.step_count < cfg.steps:
+                if stop():
+                    break
+                m = trainer.step()
+                m["elapsed"] = elapsed0 + time.perf_counter() - t_loop
+                append_jsonl(metrics_path, m)
+                step = trainer.step_count
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    ck.save_checkpoint(ckpt_dir, step, model, tokenizer, trainer.optimizer,
+                                       trainer.state(), keep=cfg.keep_checkpoints)
+                    saved_step = step
+                bar.update(1)
+                bar.set_postfix_str(f"step={step} reward={m['reward_mean']:+.3f} "
+                                    f"acc={m['accuracy']:.3f} novelty={m['novelty_mean']:.2f}")
+        finally:
+            bar.close()
+        if trainer.step_count > saved_step:  # interrupted between saves
+            ck.save_checkpoint(ckpt_dir, trainer.step_count, model, tokenizer,
+                               trainer.optimizer, trainer.state(), keep=cfg.keep_checkpoints)
+        if stop():
+            say(f"interrupted: checkpoint saved at step {trainer.step_count}; continue with "
+                f"python -m g2rl.train --resume --output-dir {run_dir}")
+            raise KeyboardInterrupt
+
+    do_eval("end", f"end of RL (step {trainer.step_count})")
+    final = ck.latest_checkpoint(ckpt_dir)
+    if "start" in evals and "end" in evals:
+        evals["pass@1_gain"] = evals["end"]["pass@1"] - evals["start"]["pass@1"]
+    evals["final_checkpoint"] = str(final)
+    evals["wall_time_s"] = evals.get("wall_time_s", 0.0) + time.perf_counter() - t_start
+    ck.write_text_atomic(summary_path, json.dumps(evals, indent=2) + "\n")
+    png = plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", evals,
+                   f"{cfg.method}: {run_dir.name}")
+    lines = [f"run directory: {run_dir}", f"final checkpoint: {final}", f"plot: {png}"]
+    for key, label in (("before_sft", "before SFT"), ("start", "start (after SFT)"),
+                       ("end", "end")):
+        if key in evals:
+            lines.append(f"held-out pass@1 {label}: {evals[key]['pass@1']:.3f}")
+    say("\n".join(lines))
+    return evals
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry; returns the exit code."""
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as exc:
+        print(f"python -m g2rl.train: error: {exc}", file=sys.stderr)
+        return 2
+    from g2rl.sft import NonFiniteLossError
+
+    try:
+        run(cfg)
+    except (ConfigError, RunError) as exc:
+        print(f"python -m g2rl.train: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"python -m g2rl.train: stopped: {exc}. The last good checkpoint is kept; "
+              "lower --lr or check the data.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""The RL step: rollouts, rewards, one no-grad sensitivity pass, group novelty, the update.
+
+One step (``Trainer.step``):
+
+1. draw ``B`` prompts, sample ``G`` responses each (token ids kept, never re-tokenised);
+2. score them (+1 / -1);
+3. one no-grad forward over prompt + response; the final hidden states (after the final norm)
+   of the response positions and the LM-head weight go to ``g2rl_kernels.sensitivity``, which
+   returns the old log-probs, the entropies and the sequence features Phi in one call (and the
+   same for the frozen reference model's log-probs when the KL term is on);
+4. ``g2rl_kernels.group_novelty(Phi (B, G, d), rewards (B, G))`` gives the advantages
+   (``--method g2rl``: lambda-shaped; ``grpo`` / ``entropy``: lambda = 0, i.e. plain group
+   standardisation of the rewards);
+5. the clipped-surrogate update over ``mini_batches`` optimizer steps (gradient accumulation
+   over micro-batches, token-mean over each mini-batch, gradient clipping, AdamW);
+6. ``rollout.sync_weights(model)``.
+
+Every log-prob uses the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import g2rl_kernels
+from g2rl.config import TrainConfig
+from g2rl.data import Example, encode_prompt
+from g2rl.loss import LossStats, policy_loss, token_logprobs
+from g2rl.rollout import RolloutBatch
+from g2rl.sft import NonFiniteLossError
+
+#: Test hook: SIGKILL the process in the middle of this RL step (after its update, before its
+#: metrics and checkpoint are written), to test ``--resume``.
+KILL_ENV = "G2RL_TEST_KILL_AT_STEP"
+
+
+@dataclass
+class PackedBatch:
+    """Prompt + response sequences, right-padded, with targets aligned to hidden positions.
+
+    Attributes:
+        input_ids: (N, L) token ids (pad after the response).
+        attention_mask: (N, L) 1 for real tokens.
+        targets: (N, L) the next token at positions that predict a response token, else -100
+            (``targets[i, t] = input_ids[i, t + 1]`` for response tokens).
+        mask: (N, L) bool, ``targets != -100``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def rows(self, idx: torch.Tensor) -> PackedBatch:
+        """The sub-batch of rows ``idx``, cropped to its longest sequence."""
+        am = self.attention_mask[idx]
+        width = max(1, int(am.sum(1).max()))
+        return PackedBatch(self.input_ids[idx, :width], am[:, :width], self.targets[idx, :width],
+                           self.mask[idx, :width])
+
+
+def pack(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+         pad_id: int, device: torch.device | str = "cpu") -> PackedBatch:
+    """Pack N (prompt, response) pairs into a :class:`PackedBatch` (right padding)."""
+    n = len(prompt_ids)
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    width = max(lengths) if lengths else 1
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    am = torch.zeros((n, width), dtype=torch.long)
+    targets = torch.full((n, width), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        seq = list(p) + list(r)
+        if not p:
+            raise ValueError(f"sample {i}: empty prompt")
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        am[i, : len(seq)] = 1
+        if r:
+            targets[i, len(p) - 1 : len(seq) - 1] = torch.tensor(list(r), dtype=torch.long)
+    return PackedBatch(ids.to(device), am.to(device), targets.to(device),
+                       (targets != -100).to(device))
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack of a ``*ForCausalLM`` (its output is after the final norm)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None:
+        raise TypeError(f"{type(model).__name__} has no base model to take hidden states from")
+    return base
+
+
+def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (V, d), bias (V,) or None) of the LM head."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def response_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """(M, d) final hidden states at the M positions that predict response tokens (row-major)."""
+    out = backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          use_cache=False)
+    return out.last_hidden_state[batch.mask]
+
+
+@torch.no_grad()
+def sensitivity_pass(model: torch.nn.Module, batch: PackedBatch, temperature: float,
+                     *, features: bool = True) -> g2rl_kernels.SensitivityOutput:
+    """Old log-probs (M,), entropies (M,) and, with ``features``, the sequence features
+    (N, d) of every response, from one no-grad forward and one ``g2rl_kernels.sensitivity``
+    call."""
+    hidden = response_hidden(model, batch)
+    weight, bias = lm_head(model)
+    n = batch.input_ids.shape[0]
+    seq_index = torch.arange(n, device=hidden.device)[:, None].expand_as(batch.mask)[batch.mask]
+    return g2rl_kernels.sensitivity(
+        hidden, weight, batch.targets[batch.mask], seq_index=seq_index if features else None,
+        num_seqs=n if features else None, bias=bias, temperature=temperature,
+    )
+
+
+def advantages_for(method: str, features: torch.Tensor, rewards: torch.Tensor, *,
+                   lam: float, clip: float, mode: str, eps: float, scale: bool
+                   ) -> g2rl_kernels.NoveltyOutput:
+    """Advantages (B, G) of ``rewards`` (B, G) from features (B, G, d).
+
+    ``g2rl``: novelty-shaped rewards, standardised in the group. ``grpo`` and ``entropy``:
+    lambda = 0, so f = 1 and the shaped reward is the reward itself (|r| <= clip): plain GRPO
+    standardisation; the novelty is still computed (for logging).
+    """
+    lam = lam if method == "g2rl" else 0.0
+    return g2rl_kernels.group_novelty(features.float(), rewards.float(), lam=lam, clip=clip,
+                                      mode=mode, eps=eps, scale_advantages=scale)
+
+
+class StopRequested:
+    """SIGINT handler: the first Ctrl-C asks the loop to stop after the current step (and save);
+    a second one raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopRequested:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing the current step and saving a checkpoint "
+              "(Ctrl-C again to abort)", flush=True)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+class Trainer:
+    """The RL part of a run: owns the policy, the optimizer, the reference and the rollout."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: Sequence[Example],
+        reward_fn: Callable[[str, str], float],
+        rollout: Any,
+        *,
+        ref_model: torch.nn.Module | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        if not examples:
+            raise ValueError("no training examples")
+        self.cfg = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.examples = list(examples)
+        self.reward_fn = reward_fn
+        self.rollout = rollout
+        self.ref_model = ref_model
+        self.system_prompt = system_prompt
+        self.device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
+        )
+        self.step_count = 0  # completed RL steps
+        self.data_position = 0  # prompts consumed
+        self._prompt_cache: dict[int, list[int]] = {}
+        kill = os.environ.get(KILL_ENV)
+        self._kill_at = int(kill) if kill else None
+
+    # ------------------------------------------------------------------ data
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(f"g2rl-data:{self.cfg.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next_prompts(self) -> list[int]:
+        """Indices of the next ``prompts_per_step`` examples (a function of the data position
+        only, so a resumed run draws the same prompts)."""
+        out = []
+        n = len(self.examples)
+        for k in range(self.data_position, self.data_position + self.cfg.prompts_per_step):
+            epoch, offset = divmod(k, n)
+            if offset == 0 or not hasattr(self, "_order") or self._order_epoch != epoch:
+                self._order, self._order_epoch = self._epoch_order(epoch), epoch
+            out.append(self._order[offset])
+        self.data_position += self.cfg.prompts_per_step
+        return out
+
+    def encode(self, idx: int) -> list[int]:
+        if idx not in self._prompt_cache:
+            self._prompt_cache[idx] = encode_prompt(self.tokenizer, self.examples[idx].prompt,
+                                                    self.system_prompt)
+        return self._prompt_cache[idx]
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict[str, Any]:
+        """One RL step; returns its metrics. Raises :class:`NonFiniteLossError`."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        step = self.step_count + 1
+        idx = self.next_prompts()
+        prompts = [self.encode(i) for i in idx]
+        roll: RolloutBatch = self.rollout.generate(prompts, cfg.group_size,
+                                                   seed=cfg.seed * 1_000_003 + step)
+        sleeping = self.cfg.vllm_sleep and hasattr(self.rollout, "sleep")
+        if sleeping:  # free the engine's GPU memory for the update
+            self.rollout.sleep()
+        t_roll = time.perf_counter()
+        answers = [self.examples[i].answer for i in idx for _ in range(cfg.group_size)]
+        rewards = torch.tensor([float(self.reward_fn(t, a)) for t, a in zip(roll.texts, answers,
+                                                                            strict=True)])
+        t_reward = time.perf_counter()
+
+        batch = pack(roll.prompt_ids, roll.response_ids, self.pad_id, self.device)
+        self.model.eval()
+        old = sensitivity_pass(self.model, batch, cfg.temperature)
+        ref_logp = None
+        if cfg.kl_coef > 0 and self.ref_model is not None:
+            ref_logp = sensitivity_pass(self.ref_model, batch, cfg.temperature,
+                                        features=False).logprobs
+        b, g = len(idx), cfg.group_size
+        nov = advantages_for(cfg.method, old.seq_features.view(b, g, -1),
+                             rewards.to(self.device).view(b, g), lam=cfg.novelty_lambda,
+                             clip=cfg.novelty_clip, mode=cfg.novelty_mode, eps=cfg.adv_eps,
+                             scale=cfg.scale_advantages)
+        t_old = time.perf_counter()
+
+        stats, grad_norms = self.update(batch, old.logprobs, ref_logp,
+                                        nov.advantages.reshape(-1), step)
+        if sleeping:
+            self.rollout.wake_up()
+        self.rollout.sync_weights(self.model)
+        if self._kill_at == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.step_count = step
+        t_end = time.perf_counter()
+
+        lengths = torch.tensor([len(r) for r in roll.response_ids], dtype=torch.float32)
+        tokens = max(1, stats.tokens)
+        return {
+            "step": step,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "accuracy": float((rewards > 0).float().mean()),
+            "shaped_reward_mean": float(nov.shaped_rewards.mean()),
+            "novelty_mean": float(nov.novelty.mean()),
+            "cosine_mean": _offdiag_mean(nov.cosine),
+            "adv_abs_mean": float(nov.advantages.abs().mean()),
+            "kl": stats.kl / tokens,
+            "entropy": float(old.entropy.mean()) if old.entropy.numel() else 0.0,
+            "clip_frac": stats.clipped / tokens,
+            "ratio_mean": stats.ratio / tokens,
+            "pg_loss": stats.pg_loss / tokens,
+            "grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
+            "response_len": float(lengths.mean()),
+            "truncated_frac": sum(roll.truncated) / len(roll.truncated),
+            "tokens": batch.num_tokens,
+            "time_rollout": t_roll - t0,
+            "time_reward": t_reward - t_roll,
+            "time_old_pass": t_old - t_reward,
+            "time_update": t_end - t_old,
+            "time": t_end - t0,
+        }
+
+    def update(self, batch: PackedBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+               seq_adv: torch.Tensor, step: int) -> tuple[LossStats, list[float]]:
+        """Clipped-surrogate update over ``ppo_epochs`` x ``mini_batches`` optimizer steps.
+
+        Args:
+            old_logp: (M,) per-token old log-probs (row-major over ``batch.mask``).
+            ref_logp: (M,) reference log-probs or None.
+            seq_adv: (N,) one advantage per sequence.
+        """
+        cfg = self.cfg
+        n, width = batch.mask.shape
+        # Per-token tensors laid out (N, L) so that any row subset can be taken.
+        old_pad = torch.zeros((n, width), device=self.device)
+        old_pad[batch.mask] = old_logp.float()
+        ref_pad = None
+        if ref_logp is not None:
+            ref_pad = torch.zeros((n, width), device=self.device)
+            ref_pad[batch.mask] = ref_logp.float()
+        adv_pad = seq_adv.float().to(self.device)[:, None].expand(n, width)
+        weight, bias = lm_head(self.model)
+        ent_coef = cfg.entropy_coef if cfg.method == "entropy" else 0.0
+        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        total = LossStats()
+        grad_norms: list[float] = []
+        self.model.train()
+        for _epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=gen)
+            for mb in torch.tensor_split(perm, cfg.mini_batches):
+                mb_tokens = int(batch.mask[mb].sum())
+                if mb_tokens == 0:
+                    continue
+                for micro in torch.split(mb, cfg.micro_batch_size):
+                    sub = batch.rows(micro.to(self.device))
+                    if not bool(sub.mask.any()):
+                        continue
+                    w = sub.mask.shape[1]
+                    hidden = response_hidden(self.model, sub)
+                    logp, ent = token_logprobs(hidden, weight, sub.targets[sub.mask],
+                                               temperature=cfg.temperature, bias=bias,
+                                               with_entropy=ent_coef > 0)
+                    rows = micro.to(self.device)
+                    loss, st = policy_loss(
+                        logp, old_pad[rows, :w][sub.mask], adv_pad[rows, :w][sub.mask],
+                        num_tokens=mb_tokens, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                        ref_logp=None if ref_pad is None else ref_pad[rows, :w][sub.mask],
+                        kl_coef=cfg.kl_coef if ref_pad is not None else 0.0,
+                        entropy=ent, entropy_coef=ent_coef,
+                    )
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(f"RL step {step}: the loss is {loss.item()}")
+                    loss.backward()
+                    total.add(st)
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+                if not torch.isfinite(norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(f"RL step {step}: the gradient norm is {float(norm)}")
+                grad_norms.append(float(norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norms
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step_count, "data_position": self.data_position}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        self.data_position = int(state["data_position"])
+
+
+def _offdiag_mean(cos: torch.Tensor) -> float:
+    """Mean pairwise cosine of (B, G, G) matrices, diagonal excluded."""
+    g = cos.shape[-1]
+    if g < 2:
+        return 0.0
+    eye = torch.eye(g, dtype=torch.bool, device=cos.device)
+    return float(cos.masked_select(~eye.expand_as(cos)).mean())
