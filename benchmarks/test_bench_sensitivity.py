@@ -1,0 +1,219 @@
+"""Sensitivity outputs (log-probs, entropies, lse, G2RL sequence features): time and peak memory.
+
+Run: pytest benchmarks/test_bench_sensitivity.py --benchmark-only
+
+CPU, float32, N = 4096 tokens in 16 sequences, V = 32768, d = 512; three implementations of
+the same outputs, timed in the same run (one pytest-benchmark group):
+
+- ``pooled``: ``g2rl_kernels.sensitivity`` (chunked CPU path, q accumulation, then q @ W);
+- ``natural``: plain PyTorch: full (N, V) logits, log_softmax, p @ W, then pooling;
+- ``per_token``: ``g2rl_kernels.sensitivity(return_token_features=True)``, then pooling.
+
+Peak memory "above the inputs" is the growth of the process's peak resident set size during
+one call, measured in a fresh subprocess per implementation after the inputs are built in place
+and a small warm-up call has initialised the libraries: the peak (VmHWM) is reset to the current
+RSS through /proc/self/clear_refs just before the call (``ru_maxrss`` where that is missing).
+It counts every page the call touches (torch's CPU allocator, MKL's buffers), which tracemalloc
+would not see. It goes to ``benchmark.extra_info`` (MiB), with the ratios against ``pooled``.
+
+GPU (skipped without one): bf16, N = 32768, V = 151936, d = 2048 (Qwen3-1.7B): time, TFLOP/s
+counted as 4 N V d, the fraction of a large bf16 ``torch.matmul`` rate measured in the same
+run, and a chunked PyTorch baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import g2rl_kernels
+
+CPU_SHAPE = dict(n=4096, num_seqs=16, v=32768, d=512)
+GPU_SHAPE = dict(n=32768, num_seqs=64, v=151936, d=2048)
+_results: dict = {}
+
+
+def make_inputs(n, num_seqs, v, d, dtype=torch.float32, device="cpu", seed=0):
+    """Inputs built in place (no temporaries that would inflate the baseline peak RSS)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.empty(n, d, dtype=dtype, device=device).normal_(generator=g)
+    weight = torch.empty(v, d, dtype=dtype, device=device).normal_(generator=g)
+    weight.mul_(2.0 / math.sqrt(d))
+    targets = torch.randint(0, v, (n,), generator=g, device=device)
+    seq_index = torch.arange(n, device=device) * num_seqs // n  # contiguous sequences
+    return hidden, weight, targets, seq_index, num_seqs
+
+
+def pooled(hidden, weight, targets, seq_index, num_seqs):
+    return g2rl_kernels.sensitivity(hidden, weight, targets, seq_index=seq_index,
+                                    num_seqs=num_seqs)
+
+
+def pooled_no_checks(hidden, weight, targets, seq_index, num_seqs):
+    """The hot-path call: no value scan (that is the one host synchronisation on CUDA)."""
+    return g2rl_kernels.sensitivity(hidden, weight, targets, seq_index=seq_index,
+                                    num_seqs=num_seqs, check_values=False)
+
+
+def per_token(hidden, weight, targets, seq_index, num_seqs):
+    out = g2rl_kernels.sensitivity(hidden, weight, targets, return_token_features=True)
+    count = torch.zeros(num_seqs, device=hidden.device).index_add_(
+        0, seq_index, torch.ones(len(targets), device=hidden.device))
+    a = (1.0 / (count + 1e-8))[seq_index]
+    feats = torch.zeros(num_seqs, hidden.shape[1], device=hidden.device)
+    feats.index_add_(0, seq_index, out.token_features * a[:, None])
+    return out._replace(seq_features=feats)
+
+
+def natural(hidden, weight, targets, seq_index, num_seqs):
+    """The obvious PyTorch code: full logits, softmax, p @ W, pooling."""
+    logits = hidden @ weight.T  # (N, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits - lse[:, None]
+    p = logp.exp()
+    logprobs = logp.gather(1, targets[:, None]).squeeze(1)
+    entropy = -(p * logp).sum(-1)
+    phi = weight[targets] - p @ weight  # (N, d)
+    count = torch.zeros(num_seqs).index_add_(0, seq_index, torch.ones(len(targets)))
+    a = (1.0 / (count + 1e-8))[seq_index]
+    feats = torch.zeros(num_seqs, hidden.shape[1]).index_add_(0, seq_index, phi * a[:, None])
+    return g2rl_kernels.SensitivityOutput(logprobs, entropy, lse, feats, None)
+
+
+IMPLS = {"pooled": pooled, "natural": natural, "per_token": per_token}
+
+
+def peak_rss_mib(impl: str) -> float:
+    """Peak RSS growth (MiB) of one call of ``impl`` in a fresh subprocess."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--peak", impl],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def _peak_main(impl: str) -> None:
+    fn = IMPLS[impl]
+    small = make_inputs(n=64, num_seqs=4, v=1024, d=CPU_SHAPE["d"], seed=1)
+    fn(*small)  # initialise torch/MKL outside the measurement
+    del small
+    args = make_inputs(**CPU_SHAPE)
+    try:  # reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before, method = _status_kib("VmRSS"), "VmHWM after clear_refs"
+    except OSError:
+        before, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+    fn(*args)
+    if method == "ru_maxrss":
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    else:
+        after = _status_kib("VmHWM")
+    print(json.dumps({"impl": impl, "peak_mib": (after - before) / 1024, "method": method}))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_sensitivity_cpu(benchmark, impl):
+    args = make_inputs(**CPU_SHAPE)
+    fn = IMPLS[impl]
+    benchmark.group = "sensitivity cpu float32 N=4096 S=16 V=32768 d=512"
+    peak = peak_rss_mib(impl)
+    out = benchmark.pedantic(fn, args=args, rounds=3, iterations=1, warmup_rounds=1)
+    _results[impl] = dict(time_s=benchmark.stats.stats.min, peak_mib=peak)
+    benchmark.extra_info.update(CPU_SHAPE, impl=impl, threads=torch.get_num_threads(),
+                                peak_mib_above_inputs=round(peak, 1),
+                                load_average_1min=round(os.getloadavg()[0], 2))
+    if "pooled" in _results and impl != "pooled":
+        base = _results["pooled"]
+        benchmark.extra_info.update(
+            time_vs_pooled=round(_results[impl]["time_s"] / base["time_s"], 2),
+            peak_vs_pooled=round(peak / max(base["peak_mib"], 1e-9), 1),
+        )
+    assert out.seq_features.shape == (CPU_SHAPE["num_seqs"], CPU_SHAPE["d"])
+    assert torch.isfinite(out.seq_features).all()
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def chunked_torch_gpu(hidden, weight, targets, seq_index, num_seqs, chunk=4096):
+    """A chunked PyTorch baseline on the GPU: bf16 logits per chunk, float32 softmax, q
+    accumulation, then (S, V) @ (V, d) in float32."""
+    n, d = hidden.shape
+    q = torch.zeros(num_seqs, weight.shape[0], device=hidden.device)
+    count = torch.zeros(num_seqs, device=hidden.device).index_add_(
+        0, seq_index, torch.ones(n, device=hidden.device))
+    a = 1.0 / (count + 1e-8)
+    lse = torch.empty(n, device=hidden.device)
+    for s0 in range(0, n, chunk):
+        z = (hidden[s0:s0 + chunk] @ weight.T).float()
+        lse[s0:s0 + chunk] = torch.logsumexp(z, -1)
+        p = torch.softmax(z, -1).mul_(a[seq_index[s0:s0 + chunk], None])
+        q.index_add_(0, seq_index[s0:s0 + chunk], p)
+    q.neg_().index_put_((seq_index, targets), a[seq_index], accumulate=True)
+    return q @ weight.float()
+
+
+def _cuda_time(fn, *args, reps=3) -> float:
+    fn(*args)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = math.inf
+    for _ in range(reps):
+        start.record()
+        fn(*args)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
+@CUDA
+@pytest.mark.parametrize("impl", ["triton_pooled", "chunked_torch"])
+def test_sensitivity_gpu(benchmark, impl):
+    s = GPU_SHAPE
+    args = make_inputs(**s, dtype=torch.bfloat16, device="cuda")
+    fn = pooled_no_checks if impl == "triton_pooled" else chunked_torch_gpu
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_rate = 2 * 8192**3 / _cuda_time(torch.matmul, a, a, reps=10)
+    del a
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    t = _cuda_time(fn, *args)
+    peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+    flops = 4 * s["n"] * s["v"] * s["d"]
+    benchmark.group = "sensitivity cuda bf16 N=32768 V=151936 d=2048"
+    benchmark.extra_info.update(
+        s, impl=impl, time_s=t, tflops=flops / t / 1e12, matmul_tflops=mm_rate / 1e12,
+        fraction_of_matmul=flops / t / mm_rate, peak_mib_above_inputs=peak,
+        device=torch.cuda.get_device_name(),
+    )
+
+    def run():
+        fn(*args)
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--peak":
+        _peak_main(sys.argv[2])
+    else:
+        raise SystemExit("usage: test_bench_sensitivity.py --peak IMPL")

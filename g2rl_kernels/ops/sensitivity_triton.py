@@ -1,0 +1,410 @@
+"""Triton kernels of the sensitivity outputs (the CUDA path; also runs under TRITON_INTERPRET=1).
+
+Three passes, none of which materialises an (N, V) or (N, d) intermediate:
+
+1. ``_lse_kernel``, grid (token blocks, V splits): recompute (BLOCK_N, BLOCK_V) logits tiles
+   with ``tl.dot`` over d tiles and keep online accumulators per token: running max m,
+   s = sum exp(z - m), u = sum exp(z - m) (z - m) and the target logit. Partials of the V
+   splits are merged by :func:`_merge_splits` (a few (splits, N) float32 vectors):
+   lse = m + log s, logprob = z_y - lse, entropy = log s - u / s.
+2. ``_pool_kernel``, grid (token blocks x V tiles): recompute a logits tile, form
+   a~_t (e(y_t) - p_t) and reduce it over the tokens of each sequence present in the block into
+   r (num_seqs, V) float32 with atomics; then ``_seq_matmul_kernel`` gives Phi = r @ W in
+   float32 (V split, partials summed). About 4 N V d flops in all.
+3. ``_token_kernel`` (only when token features are asked for), grid (token blocks,): phi_t =
+   W[y_t] - p_t @ W, V tile by V tile, accumulated in the (N, d) float32 output itself.
+
+Every dot has all dimensions >= 16. Under the interpreter ``tl.dot`` on bf16/fp16 is wrong, so
+the tiles are upcast to float32 there (``UPCAST``) and float32 dots are IEEE; on a GPU float32
+inputs use 3xTF32 dots (float32-accurate, not plain TF32) and 16-bit inputs accumulate in
+float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_V) float32 tile of (W h + b) / T; vocabulary tail columns are -inf."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    offs_d0 = tl.arange(0, BLOCK_D)
+    row_ok = offs_n < N
+    col_ok = offs_v < V
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + offs_d0
+        d_ok = offs_d < D
+        h = tl.load(
+            h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        w = tl.load(  # (BLOCK_D, BLOCK_V): W^T tile
+            w_ptr + offs_v[None, :] * stride_wv + offs_d[:, None] * stride_wd,
+            mask=col_ok[None, :] & d_ok[:, None], other=0.0,
+        )
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    z = acc * inv_temp
+    return tl.where(col_ok[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _lse_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, tiles_per_split,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online (m, s, u, z_y) of one token block over one V split -> part (4, splits, N)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    y = tl.load(y_ptr + offs_n, mask=offs_n < N, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_begin = pid_s * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd,
+            stride_wv, stride_wd, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
+        )
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
+        alpha = tl.exp(m - m_new)
+        shift = tl.where(s > 0, m - m_new, 0.0)  # avoids 0 * -inf on the first tile
+        zs = z - m_new[:, None]
+        e = tl.exp(zs)  # 0 on the -inf tail
+        ezs = e * tl.where(offs_v[None, :] < V, zs, 0.0)
+        u = alpha * (u + s * shift) + tl.sum(ezs, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+    row_ok = offs_n < N
+    stride_part = num_splits * N
+    base = part_ptr + pid_s * N + offs_n
+    tl.store(base, m, mask=row_ok)
+    tl.store(base + stride_part, s, mask=row_ok)
+    tl.store(base + 2 * stride_part, u, mask=row_ok)
+    tl.store(base + 3 * stride_part, zy, mask=row_ok)
+
+
+@triton.jit
+def _segment_reduce(
+    val, r_ptr, seq, valid, offs_v, V,
+):
+    """r[seq_t, offs_v] += val[t, :] summed over the rows t of each sequence in the block.
+
+    Loops over the sequence ids between the smallest and largest one among the valid rows
+    (one or two for sorted, contiguous sequences) and issues one vector atomic add per id.
+    """
+    lo = tl.min(tl.where(valid, seq, 2147483647), axis=0)
+    hi = tl.max(tl.where(valid, seq, -1), axis=0)
+    col_ok = offs_v < V
+    row_ptr = r_ptr + lo.to(tl.int64) * V + offs_v
+    for b in range(lo, hi + 1):
+        part = tl.sum(tl.where(((seq == b) & valid)[:, None], val, 0.0), axis=0)
+        tl.atomic_add(row_ptr, part, mask=col_ok)
+        row_ptr += V
+
+
+@triton.jit
+def _pool_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, a_ptr, seq_ptr, r_ptr, N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, num_n_blocks, num_v_tiles,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+):
+    """r[seq_t] += a~_t (e(y_t) - p_t) for one (token block, V tile)."""
+    pid = tl.program_id(0)
+    # grouped order: GROUP token blocks sweep the V tiles together (L2 reuse of h and W)
+    per_group = GROUP * num_v_tiles
+    first_n = (pid // per_group) * GROUP
+    group_size = tl.minimum(num_n_blocks - first_n, GROUP)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_ok = offs_n < N
+    a = tl.load(a_ptr + offs_n, mask=row_ok, other=0.0)  # 0 for ignored tokens
+    valid = row_ok & (a > 0)
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+        y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
+        seq = tl.load(seq_ptr + offs_n, mask=row_ok, other=0)
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd,
+            stride_wv, stride_wd, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
+        )
+        p = tl.exp(z - lse[:, None])  # 0 on the -inf tail
+        onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
+        val = tl.where(valid[:, None], a[:, None] * (onehot - p), 0.0)  # no 0 * inf
+        _segment_reduce(val, r_ptr, seq, valid, offs_v, V)
+
+
+@triton.jit
+def _seq_matmul_kernel(
+    r_ptr, w_ptr, out_ptr, S, V, D, stride_wv, stride_wd, tiles_per_split,
+    BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out[split] = r[:, split's V range] @ W[split's V range] in float32 (3xTF32 or IEEE)."""
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    v_begin = pid_k * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = offs_v < V
+        r = tl.load(
+            r_ptr + offs_s[:, None] * V + offs_v[None, :],
+            mask=(offs_s[:, None] < S) & col_ok[None, :], other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        ).to(tl.float32)
+        acc = tl.dot(r, w, acc, input_precision=PRECISION)
+    out = out_ptr + pid_k * S * D + offs_s[:, None] * D + offs_d[None, :]
+    tl.store(out, acc, mask=(offs_s[:, None] < S) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _token_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, out_ptr, N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, CAST_P: tl.constexpr,
+):
+    """out[t] = W[y_t] - p_t @ W for one token block (0 for ignored tokens), out (N, D)."""
+    pid_n = tl.program_id(0)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = offs_n < N
+    y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
+    counted = row_ok & (y >= 0)
+    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+    y_safe = tl.where(counted, y, 0)
+    offs_d0 = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):  # out = W[y] (0 for ignored rows)
+        offs_d = (d0 + offs_d0).to(tl.int64)
+        d_ok = offs_d < D
+        wy = tl.load(
+            w_ptr + y_safe[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+            mask=counted[:, None] & d_ok[None, :], other=0.0,
+        ).to(tl.float32)
+        tl.store(out_ptr + offs_n[:, None] * D + offs_d[None, :], wy,
+                 mask=row_ok[:, None] & d_ok[None, :])
+    # the rows are read back below, possibly by other threads of the program: make the stores
+    # visible (a CTA barrier orders global memory too)
+    tl.debug_barrier()
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = offs_v < V
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd,
+            stride_wv, stride_wd, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
+        )
+        p = tl.where(counted[:, None], tl.exp(z - lse[:, None]), 0.0)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = (d0 + offs_d0).to(tl.int64)
+            d_ok = offs_d < D
+            w = tl.load(
+                w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            if CAST_P:  # 16-bit W on a GPU: p rounded to W's dtype, float32 accumulation
+                pw = tl.dot(p.to(w.dtype), w)
+            else:
+                pw = tl.dot(p, w.to(tl.float32), input_precision=PRECISION)
+            o_ptrs = out_ptr + offs_n[:, None] * D + offs_d[None, :]
+            o_mask = row_ok[:, None] & d_ok[None, :]
+            tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) - pw, mask=o_mask)
+            tl.debug_barrier()
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, triton.next_power_of_2(max(int(x), 1)))))
+
+
+# GPU tile shapes per kernel and input width: (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages).
+# Chosen so that each compiles for sm_90 without register spills (checked with Triton's ptxas
+# and cuobjdump); not timed on a GPU. float32 inputs use 3xTF32 dots, which need more registers.
+GPU_CONFIGS = {
+    ("lse", False): (64, 128, 64, 4, 3),
+    ("pool", False): (64, 128, 64, 4, 3),
+    ("token", False): (64, 128, 64, 8, 1),
+    ("lse", True): (64, 64, 32, 8, 2),
+    ("pool", True): (64, 64, 32, 8, 2),
+    ("token", True): (64, 64, 32, 8, 1),
+}
+
+
+def _config(kernel: str, n: int, v: int, d: int, fp32: bool, interp: bool,
+            blocks: tuple[int, int, int] | None) -> tuple[dict, dict]:
+    """(constexpr block sizes, launch options); powers of two, every dot dimension >= 16."""
+    if interp:  # few, large blocks: the interpreter's cost is per block operation
+        bn, bv, bd, warps, stages = 128, 1024, 128, 4, 1
+    else:
+        bn, bv, bd, warps, stages = GPU_CONFIGS[(kernel, fp32)]
+    if blocks is not None:
+        bn, bv, bd = blocks
+    sizes = dict(BLOCK_N=_pow2(n, 16, bn), BLOCK_V=_pow2(v, 16, bv), BLOCK_D=_pow2(d, 16, bd))
+    return sizes, dict(num_warps=warps, num_stages=stages)
+
+
+def _merge_splits(part: torch.Tensor, counted: torch.Tensor, logprobs, entropy, lse) -> None:
+    """Merge the per-split online accumulators part (4, splits, N) into the outputs."""
+    m, s, u, zy = part.unbind(0)  # (splits, N) each
+    mm = m.amax(dim=0)  # (N,)
+    scale = torch.exp(m - mm)
+    s_tot = (s * scale).sum(dim=0)
+    u_tot = (scale * (u + s * (m - mm))).sum(dim=0)
+    log_s = s_tot.log()
+    lse.copy_(mm + log_s)
+    logprobs.copy_(torch.where(counted, zy.sum(dim=0) - lse, 0.0))
+    entropy.copy_(torch.where(counted, log_s - u_tot / s_tot, 0.0))
+
+
+def sensitivity_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    seq_index: torch.Tensor | None,
+    a_norm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    seq_features: torch.Tensor | None = None,
+    token_features: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    blocks: tuple[int, int, int] | None = None,
+) -> None:
+    """Write the outputs into the given float32 buffers; same contract as the torch path.
+
+    Shapes: hidden (N, d), weight (V, d) (any strides), targets/seq_index/a_norm (N,),
+    bias (V,); outputs logprobs/entropy/lse (N,), seq_features (num_seqs, d), token_features
+    (N, d) contiguous. ``num_splits`` overrides the number of V splits of the lse pass and
+    ``blocks`` the (BLOCK_N, BLOCK_V, BLOCK_D) tile shape (testing hooks). No host
+    synchronisation.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    interp = interpreted()
+    if hidden.device.type != "cuda" and not interp:
+        raise RuntimeError("the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
+    fp32 = hidden.dtype == torch.float32
+    upcast = interp and not fp32
+    # float32 dots: IEEE in the interpreter, 3xTF32 (float32-accurate) on a GPU; 16-bit inputs
+    # use the tensor cores' native 16-bit products with float32 accumulation
+    fp32_precision = "ieee" if interp else "tf32x3"
+    precision = fp32_precision if fp32 or upcast else "tf32"
+    counted = targets != ignore_index
+    y = torch.where(counted, targets, -1).to(torch.int64)  # -1 never matches a column
+    b_arg = bias if bias is not None else hidden  # dummy pointer when there is no bias
+    args = (n, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            1.0 / temperature)
+    flags = dict(HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision)
+
+    def config(kernel):
+        return _config(kernel, n, v, d, fp32, interp, blocks)
+
+    if n == 0:
+        if seq_features is not None:
+            seq_features.zero_()
+        return
+    with torch.cuda.device(hidden.device) if hidden.is_cuda else _nullctx():
+        sizes, launch = config("lse")
+        n_blocks = triton.cdiv(n, sizes["BLOCK_N"])
+        v_tiles = triton.cdiv(v, sizes["BLOCK_V"])
+        if num_splits is None:
+            num_splits = 1
+            if hidden.is_cuda:  # enough programs to fill the GPU
+                sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
+                num_splits = triton.cdiv(4 * sms, n_blocks)
+        num_splits = max(1, min(int(num_splits), v_tiles))
+        tiles_per_split = triton.cdiv(v_tiles, num_splits)
+        num_splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
+        part = torch.empty(4, num_splits, n, dtype=torch.float32, device=hidden.device)
+        _lse_kernel[(n_blocks, num_splits)](
+            hidden, weight, b_arg, y, part, *args, tiles_per_split, **flags, **sizes, **launch,
+        )
+        _merge_splits(part, counted, logprobs, entropy, lse)
+        if token_features is not None:
+            sizes, launch = config("token")
+            _token_kernel[(triton.cdiv(n, sizes["BLOCK_N"]),)](
+                hidden, weight, b_arg, y, lse, token_features, *args,
+                **flags, CAST_P=not (fp32 or upcast), **sizes, **launch,
+            )
+        if seq_features is not None:
+            num_seqs = seq_features.shape[0]
+            r = torch.zeros(num_seqs, v, dtype=torch.float32, device=hidden.device)
+            sizes, launch = config("pool")
+            a = torch.where(counted, a_norm.float(), 0.0).contiguous()
+            seq = seq_index.to(torch.int32).contiguous()
+            n_blocks = triton.cdiv(n, sizes["BLOCK_N"])
+            v_tiles = triton.cdiv(v, sizes["BLOCK_V"])
+            if num_seqs > 0:
+                _pool_kernel[(n_blocks * v_tiles,)](
+                    hidden, weight, b_arg, y, lse, a, seq, r, *args, n_blocks, v_tiles,
+                    **flags, GROUP=8, **sizes, **launch,
+                )
+            _seq_matmul(r, weight, seq_features, interp, fp32_precision)
+
+
+def _seq_matmul(r: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, interp: bool,
+                precision: str) -> None:
+    """out (S, d) = r (S, V) @ weight (V, d) in float32, split over V (partials summed)."""
+    num_seqs, v = r.shape
+    d = weight.shape[1]
+    if num_seqs == 0:
+        return
+    bs = _pow2(num_seqs, 16, 64 if interp else 16)
+    bd = _pow2(d, 16, 128 if interp else 64)
+    bv = 512 if interp else 32
+    v_tiles = triton.cdiv(v, bv)
+    grid_sd = triton.cdiv(num_seqs, bs) * triton.cdiv(d, bd)
+    splits = 1 if interp else max(1, min(v_tiles, triton.cdiv(1024, grid_sd)))
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)
+    part = torch.empty(splits, num_seqs, d, dtype=torch.float32, device=r.device)
+    _seq_matmul_kernel[(triton.cdiv(num_seqs, bs), triton.cdiv(d, bd), splits)](
+        r, weight, part, num_seqs, v, d, weight.stride(0), weight.stride(1), tiles_per_split,
+        BLOCK_S=bs, BLOCK_V=bv, BLOCK_D=bd, PRECISION=precision, num_warps=4,
+    )
+    torch.sum(part, dim=0, out=out)
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,297 @@
+"""Shared by the sensitivity tests (CPU path, interpreted Triton, CUDA): random inputs, an
+autograd oracle independent of the package, dtype-aware tolerances and NaN-poisoned outputs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+import g2rl_kernels
+from g2rl_kernels import reference
+from g2rl_kernels.sensitivity import SensitivityOutput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FIELDS = SensitivityOutput._fields
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    v: int
+    d: int
+    dtype: str = "float32"
+    seed: int = 0
+    temperature: float = 1.0
+    bias: bool = False
+    weights: bool = False
+    peaked: bool = False
+    ignore: float = 0.15  # share of ignored tokens (besides the all-ignored sequence)
+    layout: str = "sorted"  # "sorted": contiguous sequences; "random": shuffled seq_index
+    ignore_index: int = -100
+    token_features: bool = True
+    pooled: bool = True
+    options: tuple = ()  # _options items (chunk_size, num_splits, blocks)
+
+    @property
+    def id(self) -> str:
+        flags = [f"T{self.temperature}"] if self.temperature != 1.0 else []
+        flags += [name for name in ("bias", "weights", "peaked") if getattr(self, name)]
+        flags += [] if self.layout == "sorted" else [self.layout]
+        flags += [f"{k}{v}" for k, v in self.options]
+        flags += [] if self.pooled else ["nopool"]
+        flags += [] if self.token_features else ["notok"]
+        return "-".join([f"N{self.n}", f"V{self.v}", f"d{self.d}", self.dtype, *flags])
+
+
+def cycle_case(i: int, n: int, v: int, d: int, dtype: str, **kw) -> Case:
+    """The i-th case of a sweep: the optional features rotate with i so every one is covered."""
+    return Case(
+        n=n, v=v, d=d, dtype=dtype, seed=1000 + i,
+        temperature=(1.0, 0.7, 1.3)[i % 3], bias=i % 2 == 1, weights=i % 4 in (1, 2),
+        peaked=i % 5 in (0, 3), layout="random" if i % 7 == 3 else "sorted",
+        ignore_index=-100 if i % 6 else -1, **kw,
+    )
+
+
+def make_inputs(case: Case) -> dict:
+    """CPU inputs of a case: hidden/weight already rounded to the case dtype.
+
+    Sequences: seq 0 has one token, the last used sequence has all its tokens ignored, and one
+    more sequence id has no token at all (num_seqs = used + 1).
+    """
+    g = torch.Generator().manual_seed(case.seed)
+    n, v, d = case.n, case.v, case.d
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) * (2.0 / math.sqrt(d))
+    targets = torch.randint(0, v, (n,), generator=g)
+    if case.peaked and n:
+        # rows of W a large multiple of some h: logit ~ 12 sqrt(d) for that token
+        for j, t in enumerate(torch.randperm(n, generator=g)[: min(3, n, v)].tolist()):
+            row = (j * 7919) % v
+            weight[row] = 12.0 * hidden[t] / math.sqrt(d)
+            if j % 2 == 0:
+                targets[t] = row  # the peaked token is the target (logprob ~ 0)
+    targets[torch.rand(n, generator=g) < case.ignore] = case.ignore_index
+    # sequences
+    if n >= 3:
+        cuts = sorted(torch.randperm(n - 2, generator=g)[: max(1, n // 9)].add(2).tolist())
+        bounds = [0, 1, *cuts, n]
+        seq_index = torch.zeros(n, dtype=torch.int64)
+        for b, (s0, s1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            seq_index[s0:s1] = b
+        used = len(bounds) - 1
+        targets[seq_index == used - 1] = case.ignore_index  # an all-ignored sequence
+    else:
+        seq_index = torch.arange(n)
+        used = n
+    if case.layout == "random":
+        perm = torch.randperm(n, generator=g)
+        seq_index = seq_index[perm]
+        targets = targets[perm]
+    token_weights = None
+    if case.weights:
+        token_weights = torch.rand(n, generator=g) * 2
+        token_weights[torch.rand(n, generator=g) < 0.2] = 0.0
+    bias = torch.randn(v, generator=g) if case.bias else None
+    dt = DTYPES[case.dtype]
+    return dict(
+        hidden=hidden.to(dt), weight=weight.to(dt), targets=targets, seq_index=seq_index,
+        num_seqs=used + 1, token_weights=token_weights,
+        bias=None if bias is None else bias.to(dt), temperature=case.temperature,
+        ignore_index=case.ignore_index,
+    )
+
+
+def call_kwargs(inputs: dict, case: Case) -> dict:
+    kw = dict(inputs)
+    if not case.pooled:
+        kw.update(seq_index=None, num_seqs=None, token_weights=None)
+    kw["return_token_features"] = case.token_features
+    return kw
+
+
+def to(inputs: dict, dtype: torch.dtype | None = None, device=None) -> dict:
+    """Float tensors to dtype (if given) and every tensor to device (if given)."""
+    out = {}
+    for k, x in inputs.items():
+        if isinstance(x, torch.Tensor):
+            if dtype is not None and x.dtype.is_floating_point and k != "token_weights":
+                x = x.to(dtype)
+            if device is not None:
+                x = x.to(device)
+        out[k] = x
+    return out
+
+
+def oracle(kw: dict) -> SensitivityOutput:
+    """float64 outputs from autograd and torch.distributions, independent of g2rl_kernels.
+
+    phi_t = -T d/dh_t sum_t CE((W h_t + b) / T, y_t)  (the 1/T of the gradient dropped).
+    """
+    h = kw["hidden"].double().requires_grad_(True)
+    w = kw["weight"].double()
+    t = kw["temperature"]
+    y = kw["targets"]
+    ii = kw["ignore_index"]
+    logits = h @ w.T
+    if kw.get("bias") is not None:
+        logits = logits + kw["bias"].double()
+    logits = logits / t
+    counted = y != ii
+    ce = F.cross_entropy(logits, y, ignore_index=ii, reduction="none")
+    (grad,) = torch.autograd.grad(ce.sum(), h) if h.shape[0] else (torch.zeros_like(h),)
+    with torch.no_grad():
+        phi = -t * grad
+        ent = torch.distributions.Categorical(logits=logits).entropy()
+        out = dict(
+            logprobs=-ce, entropy=torch.where(counted, ent, 0.0),
+            lse=torch.logsumexp(logits, -1), seq_features=None,
+            token_features=phi if kw.get("return_token_features") else None,
+        )
+        if kw.get("seq_index") is not None:
+            seq, s = kw["seq_index"], kw["num_seqs"]
+            a = torch.ones(len(y), dtype=torch.float64)
+            if kw.get("token_weights") is not None:
+                a = kw["token_weights"].double()
+            a = a * counted
+            feats = torch.zeros(s, h.shape[1], dtype=torch.float64)
+            for b in range(s):
+                sel = seq == b
+                feats[b] = (a[sel, None] * phi[sel]).sum(0) / (a[sel].sum() + 1e-8)
+            out["seq_features"] = feats
+    return SensitivityOutput(**{f: out[f] for f in FIELDS})
+
+
+def max_err(x: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+    if x is None or ref is None:
+        return 0.0
+    if x.numel() == 0:
+        return 0.0
+    return float((x.double().cpu() - ref.double().cpu()).abs().max())
+
+
+def tolerances(kw: dict, dtypes: list[torch.dtype], ref64: SensitivityOutput) -> dict:
+    """Per field: 4 x the worst error plain PyTorch (the reference) makes in the given dtypes
+    against float64 on the same inputs, plus a floor of 1e-5 x (1 + max |value|)."""
+    errs = {f: 0.0 for f in FIELDS}
+    for dt in dtypes:
+        base = reference.sensitivity(**to(kw, dt))
+        for f in FIELDS:
+            errs[f] = max(errs[f], max_err(getattr(base, f), getattr(ref64, f)))
+    tol = {}
+    for f in FIELDS:
+        r = getattr(ref64, f)
+        scale = 0.0 if r is None or r.numel() == 0 else float(r.abs().max())
+        tol[f] = 4 * errs[f] + 1e-5 * (1 + scale)
+    return tol
+
+
+def poisoned(kw: dict, device) -> SensitivityOutput:
+    """NaN-filled float32 output buffers, for the ``_out`` hook."""
+    n, d = kw["hidden"].shape
+    nan = dict(fill_value=math.nan, dtype=torch.float32, device=device)
+    s = kw.get("num_seqs")
+    return SensitivityOutput(
+        torch.full((n,), **nan), torch.full((n,), **nan), torch.full((n,), **nan),
+        torch.full((s, d), **nan) if kw.get("seq_index") is not None else None,
+        torch.full((n, d), **nan) if kw.get("return_token_features") else None,
+    )
+
+
+def check_outputs(out: SensitivityOutput, expected: SensitivityOutput, tol: dict,
+                  what: str = "") -> None:
+    """Every requested output present, float32, finite, and within tol of expected."""
+    problems = []
+    for f in FIELDS:
+        x, r = getattr(out, f), getattr(expected, f)
+        if (x is None) != (r is None):
+            problems.append(f"{f}: got {'None' if x is None else 'a tensor'}, expected "
+                            f"{'None' if r is None else 'a tensor'}")
+            continue
+        if x is None:
+            continue
+        if x.dtype != torch.float32 or tuple(x.shape) != tuple(r.shape):
+            problems.append(f"{f}: got {x.dtype} {tuple(x.shape)}, expected float32 "
+                            f"{tuple(r.shape)}")
+            continue
+        if not bool(torch.isfinite(x).all()):
+            problems.append(f"{f}: {int((~torch.isfinite(x)).sum())} non-finite elements")
+            continue
+        err = max_err(x, r)
+        if not err <= tol[f]:
+            problems.append(f"{f}: max abs error {err:.3g} > tolerance {tol[f]:.3g}")
+    if problems:
+        raise AssertionError(f"{what}: " + "; ".join(problems))
+
+
+def run_and_check(case: Case, backend: str, device="cpu", strict: bool = True) -> None:
+    """Run one case through ``g2rl_kernels.sensitivity`` with poisoned outputs and check it
+    against the float64 reference and the autograd oracle.
+
+    strict: tolerances from the float32 error of plain PyTorch (right for the CPU path and the
+    interpreter, which compute on float32 copies of the inputs); otherwise from the error in
+    the case's own dtype as well (GPU tensor-core dots on 16-bit inputs).
+    """
+    inputs = make_inputs(case)
+    kw = call_kwargs(inputs, case)
+    ref64 = reference.sensitivity(**to(kw, torch.float64))
+    orc = oracle(kw)
+    dtypes = [torch.float32] if strict else [torch.float32, DTYPES[case.dtype]]
+    tol = tolerances(kw, dtypes, ref64)
+    # the reference itself agrees with the independent oracle
+    for f in FIELDS:
+        r, o = getattr(ref64, f), getattr(orc, f)
+        if r is not None and r.numel():
+            assert max_err(r, o) <= 1e-9 * (1 + float(o.abs().max())), f"reference {f}"
+    dev_kw = to(kw, device=device)
+    buffers = poisoned(kw, device)
+    out = g2rl_kernels.sensitivity(
+        **dev_kw, _backend=backend, _out=buffers, _options=dict(case.options) or None
+    )
+    for f in FIELDS:  # written into the poisoned buffers, not elsewhere
+        if getattr(buffers, f) is not None and getattr(out, f) is not None:
+            assert getattr(out, f).data_ptr() == getattr(buffers, f).data_ptr(), f
+    out = SensitivityOutput(*(None if x is None else x.cpu() for x in out))
+    check_outputs(out, ref64, tol, f"{case.id} vs float64 reference")
+    check_outputs(out, orc, tol, f"{case.id} vs autograd oracle")
+
+
+def with_options(case: Case, **options) -> Case:
+    return replace(case, options=tuple(sorted(options.items())))
+
+
+# Cases run through the Triton interpreter (slow: moderate sizes, few cases); every V, d and N
+# of the issue appears, with every dtype and feature.
+INTERPRETED_CASES = [
+    cycle_case(0, 257, 4099, 130, "float32"),
+    cycle_case(1, 33, 1000, 64, "float32"),
+    cycle_case(2, 1, 17, 16, "float32"),
+    cycle_case(3, 257, 1, 40, "float32"),
+    cycle_case(4, 33, 4099, 40, "bfloat16"),
+    cycle_case(5, 257, 1000, 130, "float16"),
+    cycle_case(6, 33, 17, 130, "bfloat16"),
+    cycle_case(7, 1, 4099, 64, "float16"),
+    cycle_case(8, 257, 17, 64, "bfloat16", token_features=False),
+    cycle_case(9, 33, 1, 16, "float16"),
+    cycle_case(10, 33, 1000, 16, "float32", pooled=False),
+    with_options(cycle_case(11, 257, 4099, 40, "float32"), num_splits=3),
+    with_options(cycle_case(12, 33, 1000, 40, "bfloat16"), blocks=(16, 64, 16)),
+    with_options(cycle_case(13, 257, 1000, 40, "float32"), blocks=(32, 64, 16), num_splits=4),
+    replace(cycle_case(14, 257, 1000, 64, "float32"), layout="random", peaked=True),
+    replace(cycle_case(15, 33, 4099, 130, "float16"), peaked=True, weights=True, bias=True),
+    replace(cycle_case(16, 257, 17, 40, "float32"), temperature=0.7, peaked=True),
+    replace(cycle_case(17, 33, 1000, 40, "float32"), temperature=1.3, bias=True),
+]
+
+
+def largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation torch makes while fn() runs (the profiler's
+    memory events; the Triton interpreter's own numpy buffers are not seen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.self_cpu_memory_usage for e in prof.events()] + [0])
