@@ -11,7 +11,7 @@ Public API:
 :mod:`g2rl_kernels.reference` holds plain PyTorch references of both, used as test oracles.
 """
 
-from g2rl_kernels import reference  # noqa: E402  (the oracles, plain PyTorch)
+from g2rl_kernels import reference  # the oracles, plain PyTorch
 from g2rl_kernels.novelty import NoveltyOutput, cuda_available, group_novelty
 from g2rl_kernels.sensitivity import SensitivityOutput, sensitivity, sequence_features
 
