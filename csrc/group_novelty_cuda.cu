@@ -85,13 +85,10 @@ group_novelty_kernel(const T* __restrict__ feats, int64_t G, int64_t d, int64_t 
       S[j * G + i] = s;
     }
   }
-  if (threadIdx.x == 0) {
-    const float m = group_max(r, G);
-    e[0] = m;  // stash the shift for the next phase
-  }
+  __shared__ float shift;  // max reward of the group
+  if (threadIdx.x == 0) shift = group_max(r, G);
   __syncthreads();  // the block's global writes of S are visible after this barrier
-  const float m = e[0];
-  __syncthreads();
+  const float m = shift;
   for (int64_t k = threadIdx.x; k < G; k += kThreads) e[k] = expf(r[k] - m);
   __syncthreads();
 

@@ -121,11 +121,14 @@ def sensitivity_pass(model: torch.nn.Module, batch: PackedBatch, temperature: fl
     call."""
     hidden = response_hidden(model, batch)
     weight, bias = lm_head(model)
-    n = batch.input_ids.shape[0]
-    seq_index = torch.arange(n, device=hidden.device)[:, None].expand_as(batch.mask)[batch.mask]
+    n = batch.input_ids.shape[0] if features else None
+    seq_index = None
+    if features:
+        rows = torch.arange(n, device=hidden.device)[:, None]
+        seq_index = rows.expand_as(batch.mask)[batch.mask]
     return g2rl_kernels.sensitivity(
-        hidden, weight, batch.targets[batch.mask], seq_index=seq_index if features else None,
-        num_seqs=n if features else None, bias=bias, temperature=temperature,
+        hidden, weight, batch.targets[batch.mask], seq_index=seq_index, num_seqs=n, bias=bias,
+        temperature=temperature,
     )
 
 
