@@ -181,7 +181,7 @@ int64_t group_novelty_cpu(uintptr_t feat_ptr, int dtype, int64_t B, int64_t G, i
                        int64_t sB, int64_t sG, int64_t sd, uintptr_t rew_ptr, int64_t rB,
                        int64_t rG, uintptr_t cos_ptr, uintptr_t nu_ptr, uintptr_t shaped_ptr,
                        uintptr_t adv_ptr, double lam, double clip, int mode, double eps,
-                       bool scale) {
+                       bool scale, double span_floor, double std_floor, bool zero_uniform) {
   if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16)
     throw std::invalid_argument("group_novelty_cpu: unknown feature dtype code");
   if (B <= 0 || G <= 0) return 0;
@@ -193,6 +193,10 @@ int64_t group_novelty_cpu(uintptr_t feat_ptr, int dtype, int64_t B, int64_t G, i
   float* shaped = reinterpret_cast<float*>(shaped_ptr);
   float* adv = reinterpret_cast<float*>(adv_ptr);
   const float feps = static_cast<float>(eps);
+  const ShapeOptions opts{static_cast<float>(lam),        static_cast<float>(clip), mode,
+                          feps,                           scale,
+                          static_cast<float>(span_floor), static_cast<float>(std_floor),
+                          zero_uniform};
 
   int64_t non_finite = 0;
   py::gil_scoped_release release;
@@ -221,8 +225,7 @@ int64_t group_novelty_cpu(uintptr_t feat_ptr, int dtype, int64_t B, int64_t G, i
       const float eps_m = shifted_eps(feps, m);
       float* nu_b = nu + b * G;
       for (int64_t i = 0; i < G; ++i) nu_b[i] = novelty_of(i, G, e.data(), eps_m, S + i * G);
-      shape_and_standardise(G, r.data(), nu_b, shaped + b * G, adv + b * G,
-                            static_cast<float>(lam), static_cast<float>(clip), mode, feps, scale);
+      shape_and_standardise(G, r.data(), nu_b, shaped + b * G, adv + b * G, opts);
     }
   }
   return non_finite;
@@ -243,7 +246,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "g2rl_kernels CPU extension: batched G2RL group novelty (C++, OpenMP)";
   m.def("group_novelty", &g2rl::group_novelty_cpu,
         "group_novelty(feat_ptr, dtype, B, G, d, sB, sG, sd, rew_ptr, rB, rG, cos_ptr, nu_ptr, "
-        "shaped_ptr, adv_ptr, lam, clip, mode, eps, scale) -> number of non-finite inputs. Outputs "
+        "shaped_ptr, adv_ptr, lam, clip, mode, eps, scale, span_floor, std_floor, zero_uniform) -> "
+        "number of non-finite inputs. Outputs "
         "are contiguous float32 (B, G, G), (B, G), (B, G), (B, G); strides are in elements.");
   m.def("num_threads", &g2rl::num_threads, "OpenMP threads the extension uses");
 #ifdef _OPENMP

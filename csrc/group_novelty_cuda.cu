@@ -46,8 +46,8 @@ __global__ void __launch_bounds__(kThreads)
 group_novelty_kernel(const T* __restrict__ feats, int64_t G, int64_t d, int64_t sB, int64_t sG,
                      int64_t sd, const float* __restrict__ rew, int64_t rB, int64_t rG,
                      float* __restrict__ cosine, float* __restrict__ nu_out,
-                     float* __restrict__ shaped_out, float* __restrict__ adv_out, float lam,
-                     float clip, int mode, float eps, bool scale) {
+                     float* __restrict__ shaped_out, float* __restrict__ adv_out,
+                     ShapeOptions opts) {
   extern __shared__ float smem[];
   float* norm = smem;
   float* r = norm + G;
@@ -64,7 +64,7 @@ group_novelty_kernel(const T* __restrict__ feats, int64_t G, int64_t d, int64_t 
   // 1. norms, one warp per response
   for (int64_t i = warp; i < G; i += kWarps) {
     const float ss = row_dot(base + i * sG, base + i * sG, d, sd, lane);
-    if (lane == 0) norm[i] = sqrtf(ss) + eps;
+    if (lane == 0) norm[i] = sqrtf(ss) + opts.eps;
   }
   for (int64_t i = threadIdx.x; i < G; i += kThreads) r[i] = rew[b * rB + i * rG];
   __syncthreads();
@@ -93,7 +93,7 @@ group_novelty_kernel(const T* __restrict__ feats, int64_t G, int64_t d, int64_t 
   __syncthreads();
 
   // 3. novelty, one thread per response
-  const float eps_m = shifted_eps(eps, m);
+  const float eps_m = shifted_eps(opts.eps, m);
   for (int64_t i = threadIdx.x; i < G; i += kThreads) {
     nu[i] = novelty_of(i, G, e, eps_m, S + i * G);
   }
@@ -101,7 +101,7 @@ group_novelty_kernel(const T* __restrict__ feats, int64_t G, int64_t d, int64_t 
 
   // 4. min-max, shaping, clipping, standardisation: O(G), one thread
   if (threadIdx.x == 0) {
-    shape_and_standardise(G, r, nu, shaped, adv_out + b * G, lam, clip, mode, eps, scale);
+    shape_and_standardise(G, r, nu, shaped, adv_out + b * G, opts);
   }
   __syncthreads();
   for (int64_t k = threadIdx.x; k < G; k += kThreads) {
@@ -113,8 +113,7 @@ group_novelty_kernel(const T* __restrict__ feats, int64_t G, int64_t d, int64_t 
 template <typename T>
 cudaError_t launch(const void* feats, int64_t B, int64_t G, int64_t d, int64_t sB, int64_t sG,
                    int64_t sd, const float* rew, int64_t rB, int64_t rG, float* cosine, float* nu,
-                   float* shaped, float* adv, float lam, float clip, int mode, float eps,
-                   bool scale, cudaStream_t stream) {
+                   float* shaped, float* adv, const ShapeOptions& opts, cudaStream_t stream) {
   const size_t smem = 5 * static_cast<size_t>(G) * sizeof(float);
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(group_novelty_kernel<T>,
@@ -123,8 +122,7 @@ cudaError_t launch(const void* feats, int64_t B, int64_t G, int64_t d, int64_t s
     if (err != cudaSuccess) return err;
   }
   group_novelty_kernel<T><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
-      static_cast<const T*>(feats), G, d, sB, sG, sd, rew, rB, rG, cosine, nu, shaped, adv, lam,
-      clip, mode, eps, scale);
+      static_cast<const T*>(feats), G, d, sB, sG, sd, rew, rB, rG, cosine, nu, shaped, adv, opts);
   return cudaGetLastError();
 }
 
@@ -136,7 +134,8 @@ int g2rl_group_novelty_cuda(int device, uintptr_t stream, uintptr_t feat_ptr, in
                             int64_t B, int64_t G, int64_t d, int64_t sB, int64_t sG, int64_t sd,
                             uintptr_t rew_ptr, int64_t rB, int64_t rG, uintptr_t cos_ptr,
                             uintptr_t nu_ptr, uintptr_t shaped_ptr, uintptr_t adv_ptr, float lam,
-                            float clip, int mode, float eps, bool scale, const char** err_msg) {
+                            float clip, int mode, float eps, bool scale, float span_floor,
+                            float std_floor, bool zero_uniform, const char** err_msg) {
   using namespace g2rl;
   *err_msg = nullptr;
   if (B <= 0 || G <= 0) return 0;
@@ -149,18 +148,16 @@ int g2rl_group_novelty_cuda(int device, uintptr_t stream, uintptr_t feat_ptr, in
     float* s = reinterpret_cast<float*>(shaped_ptr);
     float* a = reinterpret_cast<float*>(adv_ptr);
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+    const ShapeOptions o{lam, clip, mode, eps, scale, span_floor, std_floor, zero_uniform};
     switch (dtype) {
       case kFloat32:
-        err = launch<float>(f, B, G, d, sB, sG, sd, r, rB, rG, c, n, s, a, lam, clip, mode, eps,
-                            scale, st);
+        err = launch<float>(f, B, G, d, sB, sG, sd, r, rB, rG, c, n, s, a, o, st);
         break;
       case kBFloat16:
-        err = launch<__nv_bfloat16>(f, B, G, d, sB, sG, sd, r, rB, rG, c, n, s, a, lam, clip,
-                                    mode, eps, scale, st);
+        err = launch<__nv_bfloat16>(f, B, G, d, sB, sG, sd, r, rB, rG, c, n, s, a, o, st);
         break;
       case kFloat16:
-        err = launch<__half>(f, B, G, d, sB, sG, sd, r, rB, rG, c, n, s, a, lam, clip, mode, eps,
-                             scale, st);
+        err = launch<__half>(f, B, G, d, sB, sG, sd, r, rB, rG, c, n, s, a, o, st);
         break;
       default:
         *err_msg = "unknown feature dtype code";

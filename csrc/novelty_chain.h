@@ -42,27 +42,48 @@ G2RL_HD float novelty_of(int64_t i, int64_t G, const float* e, float eps_shifted
   return nu > 0.f ? nu : 0.f;
 }
 
-// Min-max normalisation of nu, shaping (eqs. 12-13), clipping and the group standardisation of
+// Options of the shaping and standardisation steps (G2RL_METHOD.md sections 3-4).
+struct ShapeOptions {
+  float lam;         // shaping strength lambda
+  float clip;        // shaped rewards clipped to [-clip, clip] (inf: no clip)
+  int mode;          // kCentered or kEq12
+  float eps;         // std + eps
+  bool scale;        // divide by the (floored) group std
+  float span_floor;  // delta: nubar = clamp(0.5 + (nu - mid) / max(hi - lo, delta), 0, 1)
+  float std_floor;   // A = (r~ - mean) / max(std + eps, std_floor)
+  bool zero_uniform; // advantage 0 for a group whose base rewards are all equal
+};
+
+// nubar of section 3: min-max with a floor on the spread, continuous in nu.
+G2RL_HD float normalised_novelty(float nu, float lo, float hi, float span_floor) {
+  const float spread = hi - lo;
+  const float den = spread > span_floor ? spread : span_floor;
+  if (!(den > 0.f)) return 0.5f;  // all scores equal and no floor
+  const float v = 0.5f + (nu - 0.5f * (lo + hi)) / den;
+  return v < 0.f ? 0.f : (v > 1.f ? 1.f : v);
+}
+
+// Normalisation of nu, shaping (eqs. 12-13), clipping and the group standardisation of
 // section 4. Reads r and nu, writes shaped and adv.
 G2RL_HD void shape_and_standardise(int64_t G, const float* r, const float* nu, float* shaped,
-                                   float* adv, float lam, float clip, int mode, float eps,
-                                   bool scale) {
+                                   float* adv, const ShapeOptions& o) {
   float lo = nu[0], hi = nu[0];
+  bool uniform = true;
   for (int64_t k = 1; k < G; ++k) {
     lo = nu[k] < lo ? nu[k] : lo;
     hi = nu[k] > hi ? nu[k] : hi;
+    uniform = uniform && r[k] == r[0];
   }
-  const float spread = hi - lo;
-  const bool flat = spread < 1e-6f;
   for (int64_t k = 0; k < G; ++k) {
-    const float nubar = flat ? 0.5f : (nu[k] - lo) / spread;
-    const float f = mode == kCentered ? 1.f + lam * (2.f * nubar - 1.f) : 1.f + lam * r[k] * nubar;
+    const float nubar = normalised_novelty(nu[k], lo, hi, o.span_floor);
+    const float f = o.mode == kCentered ? 1.f + o.lam * (2.f * nubar - 1.f)
+                                        : 1.f + o.lam * r[k] * nubar;
     float s = r[k] * f;
-    s = s > clip ? clip : (s < -clip ? -clip : s);
+    s = s > o.clip ? o.clip : (s < -o.clip ? -o.clip : s);
     shaped[k] = s;
   }
-  if (G == 1) {
-    adv[0] = 0.f;
+  if (G == 1 || (o.zero_uniform && uniform)) {
+    for (int64_t k = 0; k < G; ++k) adv[k] = 0.f;
     return;
   }
   // Mean shifted by the first value: equal shaped rewards give deviations of exactly 0 (an
@@ -75,7 +96,12 @@ G2RL_HD void shape_and_standardise(int64_t G, const float* r, const float* nu, f
     const float c = shaped[k] - mean;
     ss += c * c;
   }
-  const float inv = scale ? 1.f / (sqrtf(ss / (float)(G - 1)) + eps) : 1.f;
+  float inv = 1.f;
+  if (o.scale) {
+    float den = sqrtf(ss / (float)(G - 1)) + o.eps;
+    den = den > o.std_floor ? den : o.std_floor;
+    inv = den > 0.f ? 1.f / den : 0.f;  // den = 0 only when every deviation is 0
+  }
   for (int64_t k = 0; k < G; ++k) adv[k] = (shaped[k] - mean) * inv;
 }
 

@@ -12,10 +12,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("g2rl", "grpo", "entropy")
+METHODS = ("g2rl", "grpo", "entropy", "embedding")
 ROLLOUTS = ("auto", "hf", "vllm")
 REWARDS = ("auto", "builtin", "math")
 NOVELTY_MODES = ("centered", "eq12")
+UNIFORM_GROUPS = ("zero", "shape")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -84,8 +85,10 @@ class TrainConfig:
     vllm_sleep: bool = _opt(False, "put vLLM to sleep during the update (frees its GPU memory)",
                             type=bool, group="rollouts")
     # RL
-    method: str = _opt("g2rl", "advantages: g2rl (novelty-shaped GRPO), grpo, or entropy (GRPO "
-                               "plus an entropy bonus)", type=str, choices=METHODS, group="RL")
+    method: str = _opt("g2rl", "advantages: g2rl (novelty-shaped GRPO), grpo, entropy (GRPO "
+                               "plus an entropy bonus), or embedding (the g2rl chain on an "
+                               "external sentence embedding of the responses)", type=str,
+                       choices=METHODS, group="RL")
     steps: int = _opt(250, "number of RL steps", type=int, group="RL")
     prompts_per_step: int = _opt(16, "prompts per step (B)", type=int, group="RL")
     group_size: int = _opt(8, "responses per prompt (G); >= 2 for g2rl and grpo", type=int,
@@ -109,9 +112,31 @@ class TrainConfig:
                                type=float, group="RL")
     novelty_lambda: float = _opt(0.5, "G2RL shaping strength lambda in [0, 1]", type=float,
                                  group="RL")
-    novelty_clip: float = _opt(3.0, "clip shaped rewards to [-c, c]", type=float, group="RL")
+    novelty_clip: float = _opt(3.0, "clip shaped rewards to [-c, c] (g2rl and embedding; grpo "
+                                    "and entropy never clip)", type=float, group="RL")
     novelty_mode: str = _opt("centered", "shaping formula", type=str, choices=NOVELTY_MODES,
                              group="RL")
+    novelty_span_floor: float = _opt(0.01, "floor delta on the spread of the novelty scores in "
+                                           "nubar (spec section 3)", type=float, group="RL")
+    novelty_std_floor: float = _opt(0.05, "floor on the group std of the shaped rewards before "
+                                          "the division (spec section 4; 0: off)", type=float,
+                                    group="RL")
+    uniform_groups: str = _opt("zero", "groups whose rewards are all equal: zero (advantage 0, "
+                                       "as in GRPO) or shape (the paper; unsafe with sparse "
+                                       "rewards)", type=str, choices=UNIFORM_GROUPS, group="RL")
+    embedding_model: str | None = _opt(None, "sentence-transformers model directory for "
+                                             "--method embedding and the semantic geometry "
+                                             "(default: the packaged all-MiniLM-L6-v2 when "
+                                             "installed)", type=str, group="RL")
+    semantic_geometry: bool = _opt(True, "log the semantic geometry (embedding cosines) when "
+                                         "an embedding model is available", type=bool,
+                                   group="RL")
+    collapse_window: int = _opt(20, "steps averaged by the collapse warning", type=int,
+                                group="RL")
+    collapse_cosine: float = _opt(0.6, "collapse warning: mean feature cosine within groups "
+                                       "above this", type=float, group="RL")
+    collapse_distinct: float = _opt(1.5, "collapse warning: or at most this many distinct "
+                                         "responses per group", type=float, group="RL")
     adv_eps: float = _opt(1e-6, "epsilon of the group standardisation", type=float, group="RL")
     scale_advantages: bool = _opt(True, "divide advantages by the group std", type=bool,
                                   group="RL")
@@ -132,6 +157,12 @@ class TrainConfig:
                                 group="evaluation")
     eval_before_sft: bool = _opt(True, "also evaluate before the SFT warm-start", type=bool,
                                  group="evaluation")
+    eval_start: bool = _opt(True, "evaluate at the start of RL (after the warm start)",
+                            type=bool, group="evaluation")
+    warm_start_only: bool = _opt(False, "run the SFT warm start (and the start evaluation), "
+                                        "save the model to <run>/warm_start and stop: "
+                                        "python -m g2rl.study starts every method of a seed "
+                                        "from it with --model", type=bool, group="SFT")
     # checkpoints
     save_every: int = _opt(1, "save a checkpoint every this many steps", type=int,
                            group="checkpoints")
@@ -171,7 +202,8 @@ class TrainConfig:
                 _fail(f.name, "must be a finite number", value)
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mini_batches",
                     "ppo_epochs", "micro_batch_size", "sft_batch_size", "eval_n",
-                    "eval_batch_size", "save_every", "keep_checkpoints", "train_problems")
+                    "eval_batch_size", "save_every", "keep_checkpoints", "train_problems",
+                    "collapse_window")
         for name in positive:
             if getattr(self, name) < 1:
                 _fail(name, "must be >= 1", getattr(self, name))
@@ -179,6 +211,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", getattr(self, name))
         for name in ("weight_decay", "grad_clip", "kl_coef", "entropy_coef", "eps_low",
+                     "novelty_span_floor", "novelty_std_floor", "collapse_distinct",
                      "eps_high", "adv_eps", "eval_temperature", "threads", "eval_problems",
                      "top_k"):
             if getattr(self, name) < 0:
@@ -192,12 +225,15 @@ class TrainConfig:
                 _fail(name, "must be in [0, 1)", getattr(self, name))
         if not 0 <= self.novelty_lambda <= 1:
             _fail("novelty_lambda", "must be in [0, 1]", self.novelty_lambda)
+        if self.embedding_model is not None and not Path(
+                self.embedding_model).expanduser().is_dir():
+            _fail("embedding_model", "directory not found", self.embedding_model)
         if self.novelty_clip <= 0:
             _fail("novelty_clip", "must be > 0", self.novelty_clip)
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             _fail("vllm_gpu_memory_utilization", "must be in (0, 1]",
                   self.vllm_gpu_memory_utilization)
-        if self.group_size < 2 and self.method in ("g2rl", "grpo", "entropy"):
+        if self.group_size < 2 and self.method in METHODS:
             _fail("group_size", f"must be >= 2 with --method {self.method} (advantages are "
                                 "relative to the group)", self.group_size)
         if self.prompts_per_step * self.group_size < self.mini_batches:

@@ -42,6 +42,8 @@ def evaluate(
     rollout: Any = None,
     progress: bool = True,
     return_samples: bool = False,
+    feature_fn: Callable[[Any], Any] | None = None,
+    embed_fn: Callable[[list[str]], Any] | None = None,
 ) -> dict[str, Any]:
     """Sample ``n`` responses per example and score them.
 
@@ -56,7 +58,14 @@ def evaluate(
     ``rollout`` (an object with ``generate(prompts, n, seed=...)``, e.g. the trainer's) is used
     when given; otherwise an :class:`~g2rl.rollout.HFRollout` with ``temperature``, ``top_p``
     and ``max_new_tokens``. ``batch_size`` bounds the sequences (prompts x n) per call.
+
+    Geometry of the n samples of each prompt (spec section 6), over the pairs i < j: with
+    ``feature_fn`` (a generated batch -> (prompts x n, d) gradient features) adds
+    ``feature_cos_mean`` and ``feature_neg_share``; with ``embed_fn`` (texts -> (N, D)
+    embeddings) ``semantic_cos_mean`` and ``semantic_neg_share``.
     """
+    from g2rl.geometry import PairStats
+
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     ks = sorted(set(int(k) for k in ks) | {1})
@@ -79,12 +88,18 @@ def evaluate(
     truncated: list[bool] = []
     lengths: list[int] = []
     samples: list[dict[str, Any]] = []
+    feature_pairs, semantic_pairs = PairStats(), PairStats()
     bar = tqdm(total=len(examples), desc="eval", unit="prompt", disable=not progress)
     try:
         for start in range(0, len(examples), per_call):
             chunk = examples[start:start + per_call]
             prompts = [encode_prompt(tokenizer, ex.prompt, system_prompt) for ex in chunk]
             batch = rollout.generate(prompts, n, seed=seed * 1_000_003 + start)
+            if feature_fn is not None and n > 1:
+                feature_pairs.add_features(feature_fn(batch).reshape(len(chunk), n, -1))
+            if embed_fn is not None and n > 1:
+                semantic_pairs.add_features(
+                    embed_fn(list(batch.texts)).reshape(len(chunk), n, -1))
             for j, ex in enumerate(chunk):
                 row_ok: list[bool] = []
                 row_ans: list[str | None] = []
@@ -122,6 +137,10 @@ def evaluate(
     out["mean_reward"] = mean(rewards)
     out["truncated_frac"] = mean(truncated)
     out["mean_response_len"] = mean(lengths)
+    if feature_pairs.pairs:
+        out.update(feature_pairs.as_dict("feature"))
+    if semantic_pairs.pairs:
+        out.update(semantic_pairs.as_dict("semantic"))
     if return_samples:
         out["samples"] = samples
     return out

@@ -144,6 +144,41 @@ def _load(source: str, option: str, split: str | None, limit: int | None) -> lis
         raise RunError(f"{option} {source}: {msg}") from exc
 
 
+def save_warm_start(model: Any, tokenizer: Any, run_dir: Path, evals: dict[str, Any],
+                    summary_path: Path, say: Any) -> dict[str, Any]:
+    """``--warm-start-only``: save the warm-started model and tokenizer to ``run_dir /
+    warm_start`` (written to a temporary directory, then renamed: complete or absent)."""
+    import shutil
+
+    from g2rl.checkpoint import write_text_atomic
+
+    final = run_dir / "warm_start"
+    tmp = run_dir / "warm_start.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    evals["warm_start"] = str(final)
+    write_text_atomic(summary_path, json.dumps(evals, indent=2) + "\n")
+    say(f"warm start saved: {final}")
+    return evals
+
+
+def make_embedder(cfg: TrainConfig) -> Any:
+    """The sentence embedder for ``--method embedding`` (required) and the semantic geometry
+    (optional: None when no embedding model is installed or ``--no-semantic-geometry``)."""
+    from g2rl.embedding import load_embedder
+
+    required = cfg.method == "embedding"
+    if not (required or cfg.semantic_geometry):
+        return None
+    try:
+        return load_embedder(cfg.embedding_model, required=required)
+    except (ImportError, FileNotFoundError) as exc:
+        raise RunError(str(exc)) from exc
+
+
 # ---------------------------------------------------------------------- metrics files
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as fh:
@@ -170,12 +205,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from g2rl import checkpoint as ck
+    from g2rl.collapse import CollapseMonitor
     from g2rl.eval import evaluate, reward_functions
     from g2rl.plot import plot_run, read_metrics
     from g2rl.rewards import MATH_SYSTEM_PROMPT
     from g2rl.rollout import make_rollout
     from g2rl.sft import run_sft
-    from g2rl.trainer import StopRequested, Trainer
+    from g2rl.trainer import StopRequested, Trainer, rollout_features
 
     t_start = time.perf_counter()
     _quiet_transformers()
@@ -206,6 +242,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_model(source, device, dtype)
+    embedder = make_embedder(cfg)
+    pad_id = int(tokenizer.pad_token_id)
     sft_steps = cfg.resolved_sft_steps()
     resolved = {"resolved": {"run_dir": str(run_dir), "model_path": str(source),
                              "reward": reward_kind, "sft_steps": sft_steps,
@@ -227,7 +265,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                        temperature=cfg.eval_temperature, top_p=cfg.top_p,
                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 12345,
                        batch_size=cfg.eval_batch_size, system_prompt=system_prompt,
-                       progress=False)
+                       progress=False,
+                       feature_fn=lambda b: rollout_features(model, b, pad_id, cfg.temperature),
+                       embed_fn=embedder.embed if embedder is not None else None)
         res["when"] = label
         evals[name] = res
         ck.write_text_atomic(summary_path, json.dumps(evals, indent=2) + "\n")
@@ -248,7 +288,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                         system_prompt=system_prompt, progress=cfg.progress, should_stop=stop)
                 if cfg.kl_coef > 0:
                     model.save_pretrained(ref_dir, safe_serialization=True)
-            do_eval("start", "start of RL" + (" (after SFT)" if sft_steps > 0 else ""))
+            if cfg.eval_start:
+                do_eval("start", "start of RL" + (" (after SFT)" if sft_steps > 0 else ""))
+            if cfg.warm_start_only:
+                return save_warm_start(model, tokenizer, run_dir, evals, summary_path, say)
         ref_model = None
         if cfg.kl_coef > 0:
             ref_src = ref_dir if (ref_dir / "config.json").is_file() else source
@@ -262,7 +305,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         )
         rollout = make_rollout(cfg.rollout, model, tokenizer, **rollout_kw)
         trainer = Trainer(cfg, model, tokenizer, train_examples, reward_fn, rollout,
-                          ref_model=ref_model, system_prompt=system_prompt)
+                          ref_model=ref_model, system_prompt=system_prompt, embedder=embedder)
         metrics_path = run_dir / "metrics.jsonl"
         if latest is None:
             ck.save_checkpoint(ckpt_dir, 0, model, tokenizer, trainer.optimizer, trainer.state(),
@@ -276,6 +319,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             say(f"resumed {run_dir} from {latest.name} (step {trainer.step_count})")
 
         prior = read_metrics(metrics_path)
+        monitor = CollapseMonitor(window=cfg.collapse_window, cosine=cfg.collapse_cosine,
+                                  distinct=cfg.collapse_distinct)
+        for m in prior:  # a resumed run warns at most once, as an uninterrupted one
+            monitor.update(m)
         elapsed0 = prior[-1]["elapsed"] if prior and "elapsed" in prior[-1] else 0.0
         t_loop = time.perf_counter()
         saved_step = trainer.step_count
@@ -287,6 +334,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     break
                 m = trainer.step()
                 m["elapsed"] = elapsed0 + time.perf_counter() - t_loop
+                warning = monitor.update(m)
+                m["collapse_warning"] = monitor.collapsed
+                if warning:
+                    say(warning)
                 append_jsonl(metrics_path, m)
                 step = trainer.step_count
                 if step % cfg.save_every == 0 or step == cfg.steps:
@@ -295,7 +346,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     saved_step = step
                 bar.update(1)
                 bar.set_postfix_str(f"step={step} reward={m['reward_mean']:+.3f} "
-                                    f"acc={m['accuracy']:.3f} novelty={m['novelty_mean']:.2f}")
+                                    f"acc={m['accuracy']:.3f} cos={m['feature_cos_mean']:.2f}")
         finally:
             bar.close()
         if trainer.step_count > saved_step:  # interrupted between saves

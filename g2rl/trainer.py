@@ -33,6 +33,7 @@ import torch
 import g2rl_kernels
 from g2rl.config import TrainConfig
 from g2rl.data import Example, encode_prompt
+from g2rl.geometry import PairStats, distinct_per_group, group_cosine
 from g2rl.loss import LossStats, policy_loss, token_logprobs
 from g2rl.rollout import RolloutBatch
 from g2rl.sft import NonFiniteLossError
@@ -132,18 +133,61 @@ def sensitivity_pass(model: torch.nn.Module, batch: PackedBatch, temperature: fl
     )
 
 
+@torch.no_grad()
+def rollout_features(model: torch.nn.Module, roll: RolloutBatch, pad_id: int,
+                     temperature: float) -> torch.Tensor:
+    """(N, d) sequence features of the N generated responses of ``roll`` under ``model``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batch = pack(roll.prompt_ids, roll.response_ids, pad_id, device)
+    feats = sensitivity_pass(model, batch, temperature).seq_features
+    model.train(was_training)
+    return feats
+
+
 def advantages_for(method: str, features: torch.Tensor, rewards: torch.Tensor, *,
-                   lam: float, clip: float, mode: str, eps: float, scale: bool
-                   ) -> g2rl_kernels.NoveltyOutput:
+                   lam: float, clip: float | None, mode: str, eps: float, scale: bool,
+                   span_floor: float = 0.01, std_floor: float = 0.05,
+                   uniform_groups: str = "zero") -> g2rl_kernels.NoveltyOutput:
     """Advantages (B, G) of ``rewards`` (B, G) from features (B, G, d).
 
-    ``g2rl``: novelty-shaped rewards, standardised in the group. ``grpo`` and ``entropy``:
-    lambda = 0, so f = 1 and the shaped reward is the reward itself (|r| <= clip): plain GRPO
+    ``g2rl`` (features: the policy's gradient features) and ``embedding`` (features: an external
+    sentence embedding): novelty-shaped rewards, standardised in the group. ``grpo`` and
+    ``entropy``: lambda = 0 and no clip, so the shaped reward is the reward itself: plain GRPO
     standardisation; the novelty is still computed (for logging).
     """
-    lam = lam if method == "g2rl" else 0.0
-    return g2rl_kernels.group_novelty(features.float(), rewards.float(), lam=lam, clip=clip,
-                                      mode=mode, eps=eps, scale_advantages=scale)
+    shaped = method in ("g2rl", "embedding")
+    return g2rl_kernels.group_novelty(
+        features.float(), rewards.float(), lam=lam if shaped else 0.0,
+        clip=clip if shaped else None, mode=mode, eps=eps, scale_advantages=scale,
+        span_floor=span_floor, std_floor=std_floor, uniform_groups=uniform_groups)
+
+
+def geometry_metrics(nov: g2rl_kernels.NoveltyOutput, rewards: torch.Tensor,
+                     features: torch.Tensor, semantic: torch.Tensor | None,
+                     novelty_from: str) -> dict[str, float]:
+    """Per-step geometry and advantage-mass metrics.
+
+    Args:
+        nov: the step's group novelty output (its cosines are of the features it was given).
+        rewards: (B, G) base rewards.
+        features: (B, G, d) the policy's gradient features.
+        semantic: (B, G, D) sentence embeddings of the responses, or None.
+        novelty_from: ``"features"`` or ``"semantic"``: what ``nov`` was computed from.
+    """
+    out: dict[str, float] = {}
+    feat_cos = nov.cosine if novelty_from == "features" else group_cosine(features)
+    out.update(PairStats().add_cosine(feat_cos).as_dict("feature"))
+    if semantic is not None:
+        sem_cos = nov.cosine if novelty_from == "semantic" else group_cosine(semantic)
+        out.update(PairStats().add_cosine(sem_cos).as_dict("semantic"))
+    uniform = (rewards == rewards[:, :1]).all(dim=1)  # (B,)
+    mass = nov.advantages.abs().sum(dim=1).cpu()
+    total = float(mass.sum())
+    out["uniform_group_frac"] = float(uniform.float().mean())
+    out["adv_mass_uniform"] = float(mass[uniform.cpu()].sum()) / total if total > 0 else 0.0
+    return out
 
 
 class StopRequested:
@@ -190,6 +234,7 @@ class Trainer:
         *,
         ref_model: torch.nn.Module | None = None,
         system_prompt: str | None = None,
+        embedder: Any = None,
     ) -> None:
         if not examples:
             raise ValueError("no training examples")
@@ -201,6 +246,9 @@ class Trainer:
         self.rollout = rollout
         self.ref_model = ref_model
         self.system_prompt = system_prompt
+        if config.method == "embedding" and embedder is None:
+            raise ValueError("--method embedding needs an embedder (g2rl.embedding.TextEmbedder)")
+        self.embedder = embedder  # sentence embeddings: --method embedding, semantic geometry
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
@@ -266,10 +314,18 @@ class Trainer:
             ref_logp = sensitivity_pass(self.ref_model, batch, cfg.temperature,
                                         features=False).logprobs
         b, g = len(idx), cfg.group_size
-        nov = advantages_for(cfg.method, old.seq_features.view(b, g, -1),
-                             rewards.to(self.device).view(b, g), lam=cfg.novelty_lambda,
-                             clip=cfg.novelty_clip, mode=cfg.novelty_mode, eps=cfg.adv_eps,
-                             scale=cfg.scale_advantages)
+        features = old.seq_features.view(b, g, -1)
+        semantic = None
+        if self.embedder is not None:
+            semantic = self.embedder.embed(list(roll.texts)).to(self.device).view(b, g, -1)
+        novelty_from = "semantic" if cfg.method == "embedding" else "features"
+        group_rewards = rewards.to(self.device).view(b, g)
+        nov = advantages_for(cfg.method, semantic if novelty_from == "semantic" else features,
+                             group_rewards, lam=cfg.novelty_lambda, clip=cfg.novelty_clip,
+                             mode=cfg.novelty_mode, eps=cfg.adv_eps, scale=cfg.scale_advantages,
+                             span_floor=cfg.novelty_span_floor, std_floor=cfg.novelty_std_floor,
+                             uniform_groups=cfg.uniform_groups)
+        geometry = geometry_metrics(nov, group_rewards, features, semantic, novelty_from)
         t_old = time.perf_counter()
 
         stats, grad_norms = self.update(batch, old.logprobs, ref_logp,
@@ -291,7 +347,8 @@ class Trainer:
             "accuracy": float((rewards > 0).float().mean()),
             "shaped_reward_mean": float(nov.shaped_rewards.mean()),
             "novelty_mean": float(nov.novelty.mean()),
-            "cosine_mean": _offdiag_mean(nov.cosine),
+            **geometry,
+            "distinct_per_group": distinct_per_group(roll.response_ids, g),
             "adv_abs_mean": float(nov.advantages.abs().mean()),
             "kl": stats.kl / tokens,
             "entropy": float(old.entropy.mean()) if old.entropy.numel() else 0.0,
@@ -378,12 +435,3 @@ class Trainer:
     def load_state(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step"])
         self.data_position = int(state["data_position"])
-
-
-def _offdiag_mean(cos: torch.Tensor) -> float:
-    """Mean pairwise cosine of (B, G, G) matrices, diagonal excluded."""
-    g = cos.shape[-1]
-    if g < 2:
-        return 0.0
-    eye = torch.eye(g, dtype=torch.bool, device=cos.device)
-    return float(cos.masked_select(~eye.expand_as(cos)).mean())

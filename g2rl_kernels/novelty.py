@@ -7,6 +7,7 @@ Formulas: ``G2RL_METHOD.md`` sections 2-4 (normalise, Gram, novelty, shaping, st
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from g2rl_kernels.ops import group_novelty_op
 
 MODES = {"centered": 0, "eq12": 1}
+UNIFORM_GROUPS = ("zero", "shape")
 FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -40,9 +42,12 @@ def validate_novelty_args(
     rewards: torch.Tensor,
     *,
     lam: float,
-    clip: float,
+    clip: float | None,
     mode: str,
     eps: float,
+    span_floor: float = 0.01,
+    std_floor: float = 0.05,
+    uniform_groups: str = "zero",
     reference: bool = False,
     check_finite: bool | None = None,
 ) -> None:
@@ -79,12 +84,16 @@ def validate_novelty_args(
         )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
+    if not (_is_number(lam) and 0.0 <= lam <= 1.0):
         raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
-    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if clip is not None and not (_is_number(clip) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be None or a finite number > 0, got {clip!r}")
+    for name, value in (("eps", eps), ("span_floor", span_floor), ("std_floor", std_floor)):
+        if not (_is_number(value) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if uniform_groups not in UNIFORM_GROUPS:
+        raise ValueError(f"uniform_groups must be one of {list(UNIFORM_GROUPS)}, got "
+                         f"{uniform_groups!r}")
     if features.is_cuda and not reference and not cuda_available():
         raise ValueError(
             f"features is a CUDA tensor ({_shape(features)}) but g2rl_kernels was built without "
@@ -100,15 +109,27 @@ def validate_novelty_args(
             raise ValueError(f"rewards contain NaN or inf ({_shape(rewards)})")
 
 
+def _is_number(x: object) -> bool:
+    """A real number: Python int/float, NumPy scalar or 0-d tensor (not bool)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.dtype.is_complex and x.dtype != torch.bool
+    return isinstance(x, numbers.Real)
+
+
 def group_novelty(
     features: torch.Tensor,
     rewards: torch.Tensor,
     *,
     lam: float = 0.5,
-    clip: float = 3.0,
+    clip: float | None = 3.0,
     mode: str = "centered",
     eps: float = 1e-6,
     scale_advantages: bool = True,
+    span_floor: float = 0.01,
+    std_floor: float = 0.05,
+    uniform_groups: str = "zero",
 ) -> NoveltyOutput:
     """Group cosines, novelty, shaped rewards and advantages of B groups of G responses.
 
@@ -119,19 +140,34 @@ def group_novelty(
         features: (B, G, d) sequence features Phi in float32, bfloat16 or float16, on the CPU or
             a CUDA device; any strides.
         rewards: (B, G) base rewards (float), same device.
-        lam: shaping strength lambda in [0, 1].
-        clip: shaped rewards are clipped to [-clip, clip].
+        lam: shaping strength lambda in [0, 1]; 0 leaves the rewards untouched (plain GRPO).
+        clip: shaped rewards are clipped to [-clip, clip]; None: no clip. The paper's c = 3 is a
+            bound for rewards in {-1, +1}; with rewards on another scale use None (or a clip
+            that suits them), else the clip changes the rewards themselves.
         mode: ``"centered"`` (f = 1 + lam (2 nubar - 1)) or ``"eq12"`` (f = 1 + lam r nubar).
         eps: used in the norm, the peer weights and the std.
-        scale_advantages: divide by (group std + eps); otherwise only subtract the group mean.
+        scale_advantages: divide by max(group std + eps, std_floor); otherwise only subtract
+            the group mean.
+        span_floor: delta of nubar = clamp(0.5 + (nu - (lo + hi) / 2) / max(hi - lo, delta),
+            0, 1): min-max where the spread of nu is at least delta, compressed towards 0.5
+            below it (so near-identical scores do not become full-range rounding noise).
+        std_floor: the group std is floored at this before the division (0: no floor).
+        uniform_groups: ``"zero"`` (default): a group whose base rewards are all equal gets
+            advantage 0, as in GRPO, so novelty acts only inside mixed groups; ``"shape"`` (the
+            paper): such groups are shaped and standardised too. ``shape`` is unsafe with sparse
+            rewards (spec section 4: the policy collapsed on every seed of the built-in task).
 
     Returns:
         :class:`NoveltyOutput` of float32 tensors on the input device: cosine (B, G, G),
         novelty (B, G), shaped_rewards (B, G), advantages (B, G).
     """
-    validate_novelty_args(features, rewards, lam=lam, clip=clip, mode=mode, eps=eps)
-    args = (features, rewards.to(torch.float32), float(lam), float(clip), MODES[mode], float(eps),
-            bool(scale_advantages))
+    validate_novelty_args(features, rewards, lam=lam, clip=clip, mode=mode, eps=eps,
+                          span_floor=span_floor, std_floor=std_floor,
+                          uniform_groups=uniform_groups)
+    args = (features, rewards.to(torch.float32), float(lam),
+            math.inf if clip is None else float(clip), MODES[mode], float(eps),
+            bool(scale_advantages), float(span_floor), float(std_floor),
+            uniform_groups == "zero")
     if torch.compiler.is_compiling() or not _plain_tensors(features, rewards):
         return NoveltyOutput(*torch.ops.g2rl.group_novelty(*args))
     # eager: call the kernel directly and skip the dispatcher's overhead

@@ -66,6 +66,9 @@ def group_novelty_cpu(
     mode: int,
     eps: float,
     scale_advantages: bool,
+    span_floor: float,
+    std_floor: float,
+    zero_uniform: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """features (B, G, d) float32/bf16/fp16, rewards (B, G) float32 ->
     cosine (B, G, G), novelty (B, G), shaped (B, G), advantages (B, G), float32. CPU kernel.
@@ -74,7 +77,8 @@ def group_novelty_cpu(
     as the op's CPU kernel under tracing."""
     outs = _outputs(features)
     non_finite = cpu_extension().group_novelty(
-        *_args(features, rewards, outs), lam, clip, mode, eps, scale_advantages
+        *_args(features, rewards, outs), lam, clip, mode, eps, scale_advantages, span_floor,
+        std_floor, zero_uniform,
     )
     if non_finite:
         raise ValueError(
@@ -97,6 +101,9 @@ def group_novelty_cuda(
     mode: int,
     eps: float,
     scale_advantages: bool,
+    span_floor: float,
+    std_floor: float,
+    zero_uniform: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same as :func:`group_novelty_cpu` on CUDA tensors: one launch on the current stream."""
     ext = cuda_extension()
@@ -116,11 +123,12 @@ def group_novelty_cuda(
         stream = torch.cuda.current_stream(device).cuda_stream
         ext.group_novelty(
             device.index, stream, *_args(features, rewards, outs), lam, clip, mode, eps,
-            scale_advantages,
+            scale_advantages, span_floor, std_floor, zero_uniform,
         )
     return outs
 
 
 @group_novelty.register_fake
-def _group_novelty_fake(features, rewards, lam, clip, mode, eps, scale_advantages):
+def _group_novelty_fake(features, rewards, lam, clip, mode, eps, scale_advantages, span_floor,
+                        std_floor, zero_uniform):
     return _outputs(features)

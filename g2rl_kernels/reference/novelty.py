@@ -16,12 +16,16 @@ def group_novelty(
     rewards: torch.Tensor,
     *,
     lam: float = 0.5,
-    clip: float = 3.0,
+    clip: float | None = 3.0,
     mode: str = "centered",
     eps: float = 1e-6,
     scale_advantages: bool = True,
+    span_floor: float = 0.01,
+    std_floor: float = 0.05,
+    uniform_groups: str = "zero",
 ) -> NoveltyOutput:
-    """Reference group novelty, shaped rewards and advantages.
+    """Reference group novelty, shaped rewards and advantages (options as in
+    :func:`g2rl_kernels.group_novelty`).
 
     Args:
         features: (B, G, d) sequence features Phi, any float dtype.
@@ -32,7 +36,8 @@ def group_novelty(
         advantages (B, G), all in the promoted float dtype of the inputs (float64 in, float64 out).
     """
     validate_novelty_args(features, rewards, lam=lam, clip=clip, mode=mode, eps=eps,
-                          reference=True, check_finite=False)
+                          span_floor=span_floor, std_floor=std_floor,
+                          uniform_groups=uniform_groups, reference=True, check_finite=False)
     dtype = torch.promote_types(features.dtype, rewards.dtype)
     if not dtype.is_floating_point:
         dtype = torch.float32
@@ -58,28 +63,35 @@ def group_novelty(
     # eq. 11
     nu = torch.clamp(1.0 - (w * cosine.square()).sum(dim=-1), min=0.0)  # (B, G)
 
-    # min-max normalisation within the group; 0.5 where the spread is below 1e-6.
+    # section 3: min-max with a floor delta on the spread, continuous in nu.
     lo = nu.min(dim=1, keepdim=True).values
     hi = nu.max(dim=1, keepdim=True).values
-    spread = hi - lo
-    flat = spread < 1e-6
-    nubar = torch.where(flat, torch.full_like(nu, 0.5), (nu - lo) / torch.where(flat, 1, spread))
+    den = torch.clamp(hi - lo, min=span_floor)
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    nubar = torch.where(den > 0, torch.clamp(0.5 + (nu - (lo + hi) / 2) / safe, 0.0, 1.0),
+                        torch.full_like(nu, 0.5))
 
     # eqs. 12-13
     if mode == "centered":
         f = 1.0 + lam * (2.0 * nubar - 1.0)
     else:  # "eq12"
         f = 1.0 + lam * r * nubar
-    shaped = torch.clamp(r * f, -clip, clip)
+    shaped = r * f
+    if clip is not None:
+        shaped = torch.clamp(shaped, -clip, clip)
 
-    # section 4: group standardisation, std with n - 1; a group of one gets 0.
+    # section 4: group standardisation, std with n - 1 floored at std_floor; a group of one,
+    # and with uniform_groups="zero" a group whose base rewards are all equal, gets 0.
     mean = shaped.mean(dim=1, keepdim=True)
     centred = shaped - mean
     if G == 1:
         adv = torch.zeros_like(shaped)
     elif scale_advantages:
-        std = shaped.std(dim=1, keepdim=True)
-        adv = centred / (std + eps)
+        den = torch.clamp(shaped.std(dim=1, keepdim=True) + eps, min=std_floor)
+        adv = torch.where(den > 0, centred / torch.where(den > 0, den, 1.0), 0.0)
     else:
         adv = centred
+    if uniform_groups == "zero" and G > 1:
+        uniform = (r == r[:, :1]).all(dim=1, keepdim=True)
+        adv = torch.where(uniform, torch.zeros_like(adv), adv)
     return NoveltyOutput(cosine, nu, shaped, adv)
