@@ -37,18 +37,20 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_run(metrics: list[dict[str, Any]], out: str | Path,
              evals: dict[str, Any] | None = None, title: str | None = None) -> Path:
-    """Draw reward mean (left) and accuracy (right) per step, raw and smoothed; the held-out
-    pass@1 of the evaluations in ``evals`` (``{"start": {...}, "end": {...}}``) as markers."""
+    """Draw reward mean, accuracy and the mean pairwise feature cosine within groups per step,
+    raw and smoothed; the held-out pass@1 of the evaluations in ``evals`` (``{"start": {...},
+    "end": {...}}``) as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [m["step"] for m in metrics]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     window = max(1, len(steps) // 15)
     for ax, key, label in ((axes[0], "reward_mean", "reward (mean)"),
-                           (axes[1], "accuracy", "accuracy (train samples)")):
+                           (axes[1], "accuracy", "accuracy (train samples)"),
+                           (axes[2], "feature_cos_mean", "feature cosine within groups")):
         vals = [float(m.get(key, float("nan"))) for m in metrics]
         ax.plot(steps, vals, color="tab:blue", alpha=0.3, lw=1, label="per step")
         if steps:
@@ -66,6 +68,7 @@ def plot_run(metrics: list[dict[str, Any]], out: str | Path,
                                 label=f"held-out pass@1 ({name}): {res['pass@1']:.3f}")
     axes[1].set_ylim(-0.02, 1.02)
     axes[0].legend(loc="lower right", fontsize=8)
+    axes[2].legend(loc="upper left", fontsize=8)
     axes[1].legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title)

@@ -32,7 +32,7 @@ def groups(draw):
 
 def well_spread(nu: torch.Tensor) -> torch.Tensor:
     """(B,) groups whose novelty spread is far from the 1e-6 min-max threshold, where the
-    shaped rewards are well conditioned (see test_group_novelty.tolerances)."""
+    shaped rewards are well conditioned."""
     spread = nu.max(dim=1).values - nu.min(dim=1).values
     return spread > 1e-2
 
