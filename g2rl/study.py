@@ -509,8 +509,10 @@ def _fmt_diff(t: tuple[float, float, float] | None) -> str:
 def write_markdown(path: Path, rows: list[dict[str, Any]], data: dict[str, Any],
                    baseline: str, command: str) -> None:
     keys = data.get("metric_keys", [])
-    lines = ["# G2RL study", "",
-             f"Command: `{command}`", "",
+    ran = data.get("commands") or [command]
+    lines = ["# G2RL study", "", "Produced by (every run of the study directory, then this "
+             "report):", "", *[f"    {c}" for c in ran + ([command] if command not in ran
+                                                             else [])], "",
              "Held-out evaluation at the end of RL: mean ± sd over seeds. Paired difference to "
              f"`{baseline}`: for each seed, the variant's metric minus `{baseline}`'s (same seed, "
              "same warm-start checkpoint, same evaluation problems and sampling seed); mean over "
@@ -599,6 +601,8 @@ def plot_study(path: Path, data: dict[str, Any]) -> Path:
 def report(jobs: list[Job], out: Path, baseline: str, command: str) -> dict[str, Any]:
     data = collect(jobs)
     data["command"] = command
+    log = out / "commands.txt"
+    data["commands"] = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
     data["rows"] = aggregate(data, baseline)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -621,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m g2rl.study " + " ".join(argv)
     rc = 0
     if not ns.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "commands.txt").open("a", encoding="utf-8") as fh:
+            fh.write(command + "\n")
         n_rl = sum(j.variant is not None for j in jobs)
         print(f"study {out}: {len(jobs) - n_rl} warm starts, {n_rl} RL runs, {ns.jobs} at once",
               flush=True)
