@@ -1,0 +1,358 @@
+"""G2RL inside TRL's ``GRPOTrainer``: ``G2RLGRPOTrainer`` and ``G2RLGRPOConfig``.
+
+TRL keeps everything it does (generation with transformers or vLLM, accelerate / DeepSpeed /
+FSDP, the loss, logging); the subclass only replaces the advantages with the G2RL ones:
+
+1. features: when TRL makes its no-grad "old log-probs" pass (``steps_per_generation > 1``,
+   vLLM importance sampling), that pass is served here: one backbone forward whose final hidden
+   states and LM-head weight go to ``g2rl_kernels.sensitivity``, which returns TRL's log-probs
+   and the sequence features Phi (B_local, d) from the same hidden states (no extra forward).
+   When TRL makes no old pass (on-policy), one no-grad backbone pass computes the features.
+2. rewards: TRL's ``_calculate_rewards`` already gathers them over processes; they are
+   aggregated as TRL does (weighted ``nansum`` over the reward functions; a completion that
+   every function left unscored is NaN, left out of its group and given advantage 0).
+3. the features are gathered over processes, ``g2rl_kernels.group_novelty`` runs on the global
+   (B, G) groups (a group may straddle processes), and each process keeps its slice.
+
+With ``g2rl_lambda=0``, ``g2rl_std_floor=0`` and ``g2rl_eps=1e-4`` the advantages are TRL's own.
+
+Hook points (private methods of ``trl.GRPOTrainer``, verified against TRL 1.16.0):
+``_calculate_rewards``, ``_get_per_token_logps_and_entropies`` and
+``_generate_and_score_completions``. Another TRL version may move them; the import checks that
+they exist and the trainer raises if TRL did not make an old pass where 1.16 makes one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+import g2rl_kernels
+from g2rl.trainer import group_novelty_skip_nan
+
+#: TRL versions this integration was tested with (the ``[trl]`` extra pins the same range).
+TESTED_TRL = (1, 16)
+
+try:
+    import trl
+    from accelerate.utils import is_peft_model
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "g2rl.integrations.trl needs TRL: pip install 'g2rl[trl]' (tested with trl==1.16.*); "
+        f"importing it failed: {exc}"
+    ) from exc
+
+_HOOKS = ("_calculate_rewards", "_get_per_token_logps_and_entropies",
+          "_generate_and_score_completions")
+_missing = [h for h in _HOOKS if not hasattr(GRPOTrainer, h)]
+if _missing:  # pragma: no cover - depends on the TRL version
+    raise ImportError(f"trl {trl.__version__}: GRPOTrainer has no {_missing}; g2rl's TRL "
+                      "integration was written against trl 1.16 (pip install 'g2rl[trl]')")
+if tuple(int(x) for x in trl.__version__.split(".")[:2] if x.isdigit()) != TESTED_TRL:
+    warnings.warn(f"g2rl.integrations.trl was tested with trl 1.16.*, found {trl.__version__}",
+                  stacklevel=2)
+
+__all__ = ["G2RLGRPOConfig", "G2RLGRPOTrainer", "SensitivityPass", "sensitivity_pass"]
+
+
+@dataclass
+class G2RLGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus the G2RL options (``G2RL_METHOD.md`` sections 2-4)."""
+
+    g2rl_lambda: float = field(default=0.5, metadata={
+        "help": "Shaping strength lambda in [0, 1]; 0 gives TRL's GRPO advantages."})
+    g2rl_mode: str = field(default="centered", metadata={
+        "help": "'centered': f = 1 + lambda (2 nubar - 1); 'eq12': f = 1 + lambda r nubar."})
+    g2rl_clip: float | None = field(default=None, metadata={
+        "help": "Clip of the shaped rewards; None: no clip. The paper's 3 is a bound for "
+                "rewards in {-1, +1}; with rewards on another scale it would change them."})
+    g2rl_eps: float = field(default=1e-4, metadata={
+        "help": "eps of the norms, peer weights and the std (TRL's advantage eps is 1e-4)."})
+    g2rl_span_floor: float = field(default=0.01, metadata={
+        "help": "Novelty min-max spread floor (see g2rl_kernels.group_novelty)."})
+    g2rl_std_floor: float = field(default=0.05, metadata={
+        "help": "Floor of the group std before the division; 0 matches TRL exactly."})
+    g2rl_uniform_groups: str = field(default="zero", metadata={
+        "help": "'zero': groups with all-equal rewards get advantage 0 (as GRPO); 'shape': "
+                "the paper's rule (unsafe with sparse rewards)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= float(self.g2rl_lambda) <= 1.0:
+            raise ValueError(f"g2rl_lambda must be in [0, 1], got {self.g2rl_lambda}")
+        if self.g2rl_mode not in g2rl_kernels.novelty.MODES:
+            raise ValueError(f"g2rl_mode must be one of {sorted(g2rl_kernels.novelty.MODES)}, "
+                             f"got {self.g2rl_mode!r}")
+        if self.g2rl_uniform_groups not in g2rl_kernels.novelty.UNIFORM_GROUPS:
+            raise ValueError("g2rl_uniform_groups must be one of "
+                             f"{list(g2rl_kernels.novelty.UNIFORM_GROUPS)}, got "
+                             f"{self.g2rl_uniform_groups!r}")
+        if self.g2rl_clip is not None and not float(self.g2rl_clip) > 0:
+            raise ValueError(f"g2rl_clip must be None or > 0, got {self.g2rl_clip}")
+        for name in ("g2rl_eps", "g2rl_span_floor", "g2rl_std_floor"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.scale_rewards not in ("group", "none", True, False):
+            raise ValueError(
+                f"G2RL with scale_rewards={self.scale_rewards!r} is not supported: the novelty "
+                "shaping standardises within each group; use scale_rewards='group' (or 'none')")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "G2RL needs multi_objective_aggregation='sum_then_normalize' (one reward per "
+                f"completion, shaped in its group); got {self.multi_objective_aggregation!r}")
+
+
+class SensitivityPass(NamedTuple):
+    """Result of :func:`sensitivity_pass`: logps (B, K), entropy (B, K), features (B, d)."""
+
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    features: torch.Tensor
+
+
+def _unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
+    """The transformers causal LM inside accelerate / PEFT wrappers (with its adapters)."""
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model
+
+
+def check_lm_head(model: torch.nn.Module) -> None:
+    """Raise ``NotImplementedError`` for heads the sensitivity kernels cannot reproduce: logit
+    soft-capping, scaled logits, an LM head with a PEFT adapter."""
+    config = model.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        raise NotImplementedError(
+            f"{type(model).__name__} soft-caps its logits (final_logit_softcapping="
+            f"{config.final_logit_softcapping}); g2rl's sensitivity kernels do not support it yet")
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value is not None and float(value) != 1.0:
+            raise NotImplementedError(
+                f"{type(model).__name__} scales its logits ({name}={value}); g2rl's "
+                "sensitivity kernels do not support scaled logits yet")
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise NotImplementedError(f"{type(model).__name__} has no plain LM head (weight)")
+    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
+        raise NotImplementedError("an LM head with a PEFT adapter is not supported: the "
+                                  "features need the head's weight itself")
+
+
+def sensitivity_pass(model: torch.nn.Module, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, logits_to_keep: int, *,
+                     temperature: float, batch_size: int | None = None,
+                     autocast: Callable[[], Any] | None = None,
+                     head_fp32: bool = False) -> SensitivityPass:
+    """Log-probs, entropies and sequence features of the last ``K = logits_to_keep`` tokens.
+
+    One backbone forward per chunk of ``batch_size`` rows; the final hidden states at the K
+    positions that predict ``input_ids[:, -K:]`` and the LM-head weight go to
+    ``g2rl_kernels.sensitivity``. Tokens with ``attention_mask == 0`` are ignored (log-prob and
+    entropy 0, in no feature). Matches TRL's fused-head log-probs (same layout, temperature).
+
+    Args:
+        model: a transformers causal LM (PEFT-unwrapped: its adapters stay active).
+        input_ids, attention_mask: (B, L) prompt (left-padded) + completion (right-padded).
+        autocast: a factory of the context the backbone runs in (``accelerator.autocast``).
+    Returns:
+        :class:`SensitivityPass`: logps (B, K), entropy (B, K), features (B, d), float32.
+    """
+    from contextlib import nullcontext
+
+    from torch.distributed.tensor import DTensor
+
+    backbone = model.base_model
+    head = model.get_output_embeddings()
+    k = int(logits_to_keep)
+    n = input_ids.shape[0]
+    step = batch_size or n
+    logps, ents, feats = [], [], []
+    for start in range(0, n, step):
+        ids, am = input_ids[start:start + step], attention_mask[start:start + step]
+        with autocast() if autocast is not None else nullcontext():
+            hidden = backbone(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+        b = ids.shape[0]
+        h = hidden[:, -k - 1:-1]  # (b, K, d): position t predicts token t + 1
+        targets = ids[:, -k:].masked_fill(am[:, -k:] == 0, -100)
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if isinstance(weight, DTensor):  # FSDP2, as TRL's fused head does
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        with maybe_gather_lm_head_ctx(*params):  # DeepSpeed ZeRO-3: gather the head
+            w = weight.float() if head_fp32 else weight
+            hs = h.reshape(-1, h.shape[-1]).to(w.dtype)
+            rows = torch.arange(b, device=ids.device)[:, None].expand(b, k).reshape(-1)
+            out = g2rl_kernels.sensitivity(
+                hs, w, targets.reshape(-1), seq_index=rows, num_seqs=b,
+                bias=None if bias is None else bias.to(w.dtype), temperature=temperature)
+        logps.append(out.logprobs.view(b, k))
+        ents.append(out.entropy.view(b, k))
+        feats.append(out.seq_features)
+    return SensitivityPass(torch.cat(logps), torch.cat(ents), torch.cat(feats))
+
+
+def _scored_pair_stats(cosine: torch.Tensor, scored: torch.Tensor) -> tuple[float, float]:
+    """Mean cosine and share of negative cosines over the pairs i < j of each group whose two
+    responses were both scored; cosine (B, G, G), scored (B, G) bool. NaN when there is none."""
+    g = cosine.shape[-1]
+    iu = torch.triu_indices(g, g, offset=1, device=cosine.device)
+    ok = scored[:, iu[0]] & scored[:, iu[1]]
+    vals = cosine[:, iu[0], iu[1]][ok].double()
+    if vals.numel() == 0:
+        return float("nan"), float("nan")
+    return float(vals.mean()), float((vals < 0).double().mean())
+
+
+class G2RLGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with G2RL advantages (see the module docstring).
+
+    Takes the arguments of ``GRPOTrainer``; ``args`` must be a :class:`G2RLGRPOConfig`.
+    Refuses (``NotImplementedError``) what the kernels cannot do yet: logit soft-capping or
+    scaled logits, an adapter on the LM head, vision-language models, tools / environments
+    (their tokens would enter the features). PEFT models: hidden states from the base model
+    with its adapters active.
+
+    Logged metrics (train): ``g2rl/novelty_mean``, ``g2rl/cos_mean`` (mean pairwise feature
+    cosine within groups), ``g2rl/neg_pair_share``, ``g2rl/shaped_reward_mean``,
+    ``g2rl/adv_abs_mean``, ``g2rl/served_old_pass`` (1 when the features came from TRL's old
+    log-prob pass).
+    """
+
+    def __init__(self, model: Any, reward_funcs: Any, args: G2RLGRPOConfig | None = None,
+                 **kwargs: Any) -> None:
+        if not isinstance(args, G2RLGRPOConfig):
+            raise TypeError("G2RLGRPOTrainer needs args=G2RLGRPOConfig(...), got "
+                            f"{type(args).__name__}")
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        if self._is_vlm:
+            raise NotImplementedError("G2RLGRPOTrainer does not support vision-language models")
+        if self.tools or self.environment_factories is not None:
+            raise NotImplementedError("G2RLGRPOTrainer does not support tools or environments "
+                                      "yet (tool outputs would enter the features)")
+        check_lm_head(_unwrap(self.model, self.accelerator))
+        self._g2rl_serve = False
+        self._g2rl_features: torch.Tensor | None = None
+        self._g2rl_rewards_per_func: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any,
+                           completion_ids_list: Any) -> torch.Tensor:
+        out = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._g2rl_rewards_per_func = out  # (B_global, n_funcs), gathered over processes
+        return out
+
+    def _old_pass_expected(self) -> bool:
+        """TRL 1.16's rule for making the no-grad old log-prob pass."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return bool(self.args.gradient_accumulation_steps % generate_every != 0
+                    or (self.use_vllm and self.vllm_importance_sampling_correction))
+
+    def _sensitivity(self, model: torch.nn.Module, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, logits_to_keep: int,
+                     batch_size: int | None) -> SensitivityPass:
+        return sensitivity_pass(
+            _unwrap(model, self.accelerator), input_ids, attention_mask, logits_to_keep,
+            temperature=self.temperature, batch_size=batch_size,
+            autocast=self.accelerator.autocast,
+            head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
+
+    def _get_per_token_logps_and_entropies(self, model: Any, input_ids: torch.Tensor,
+                                           attention_mask: torch.Tensor, logits_to_keep: int,
+                                           batch_size: int | None = None,
+                                           compute_entropy: bool = False,
+                                           compute_aux_loss: bool = False, **kwargs: Any,
+                                           ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        if (self._g2rl_serve and model is self.model and not torch.is_grad_enabled()
+                and not compute_aux_loss and all(v is None for v in kwargs.values())):
+            self._g2rl_serve = False  # the old pass comes first; a later ref pass is TRL's own
+            out = self._sensitivity(model, input_ids, attention_mask, logits_to_keep,
+                                    batch_size)
+            self._g2rl_features = out.features
+            return out.logps, (out.entropy if compute_entropy else None), None
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+            compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        mode = "train" if self.model.training else "eval"
+        self._g2rl_features = None
+        self._g2rl_rewards_per_func = None
+        expect_old = mode == "train" and self._old_pass_expected()
+        self._g2rl_serve = expect_old
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            served = expect_old and not self._g2rl_serve
+            self._g2rl_serve = False
+        if mode != "train":  # evaluation keeps TRL's advantages (they only enter eval loss)
+            return output
+        if expect_old and not served:
+            raise RuntimeError(f"trl {trl.__version__} made no old log-prob pass where trl 1.16 "
+                               "makes one; g2rl.integrations.trl needs trl 1.16.*")
+        features = self._g2rl_features
+        if features is None:  # on-policy: one no-grad backbone pass for the features
+            ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            am = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+            with torch.no_grad(), disable_gradient_checkpointing(
+                    self.model, self.args.gradient_checkpointing_kwargs):
+                features = self._sensitivity(self.model, ids, am,
+                                             output["completion_ids"].shape[1],
+                                             self.args.per_device_train_batch_size).features
+        advantages, metrics = self._g2rl_advantages(features, len(output["advantages"]))
+        output["advantages"] = advantages
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        self._metrics[mode]["g2rl/served_old_pass"].append(float(served))
+        return output
+
+    # ------------------------------------------------------------------ the advantages
+    def _g2rl_advantages(self, features: torch.Tensor, n_local: int
+                         ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This process's (n_local,) G2RL advantages and the step's metrics."""
+        rpf = self._g2rl_rewards_per_func
+        if rpf is None:
+            raise RuntimeError("TRL did not call _calculate_rewards")
+        device = rpf.device
+        # TRL's sum_then_normalize aggregation; all-NaN rows (unscorable) stay NaN
+        rewards = (rpf * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
+        feats = self.accelerator.gather(features.float().contiguous()).to(device)
+        g = self.num_generations
+        if feats.shape[0] != rewards.shape[0] or rewards.shape[0] % g:
+            raise RuntimeError(f"{feats.shape[0]} gathered features for {rewards.shape[0]} "
+                               f"rewards in groups of {g}")
+        a = self.args
+        nov = group_novelty_skip_nan(
+            feats.view(-1, g, feats.shape[-1]), rewards.view(-1, g), lam=float(a.g2rl_lambda),
+            clip=None if a.g2rl_clip is None else float(a.g2rl_clip), mode=a.g2rl_mode,
+            eps=float(a.g2rl_eps), scale_advantages=self.scale_rewards != "none",
+            span_floor=float(a.g2rl_span_floor), std_floor=float(a.g2rl_std_floor),
+            uniform_groups=a.g2rl_uniform_groups)
+        adv = nov.advantages.reshape(-1)
+        # the completions table shows the advantages used
+        logged = self._logs["advantages"]
+        for _ in range(min(len(logged), adv.numel())):
+            logged.pop()
+        logged.extend(adv.tolist())
+        scored = ~torch.isnan(rewards)
+        cos_mean, neg_share = _scored_pair_stats(nov.cosine, scored.view(-1, g))
+        metrics = {
+            "g2rl/novelty_mean": float(nov.novelty.reshape(-1)[scored].mean()),
+            "g2rl/cos_mean": cos_mean,
+            "g2rl/neg_pair_share": neg_share,
+            "g2rl/shaped_reward_mean": float(nov.shaped_rewards.reshape(-1)[scored].mean()),
+            "g2rl/adv_abs_mean": float(adv.abs().mean()),
+        }
+        start = self.accelerator.process_index * n_local
+        return adv[start:start + n_local].to(self.accelerator.device), metrics
