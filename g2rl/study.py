@@ -355,6 +355,10 @@ def _finish(j: Job, say: Any) -> None:
         say(f"finished {j.name}")
     elif rc in (130, 143, -signal.SIGTERM, -signal.SIGINT):
         j.status = "pending"  # interrupted: resumed next time
+    elif rc == 3:  # g2rl.train: the run directory is locked by another live process
+        j.status = "failed"
+        say(f"FAILED {j.name}: its run directory {j.run_dir} is in use by another process "
+            "(another study on the same --out?); see its train.log")
     else:
         j.status = "failed"
         tail = (j.run_dir / "train.log").read_text(encoding="utf-8", errors="replace")
