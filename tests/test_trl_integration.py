@@ -108,6 +108,8 @@ def test_two_trl_steps_end_to_end(tmp_path, model_dir):
             assert math.isfinite(h[key]), (key, h)
         assert 0.0 <= h["g2rl/novelty_mean"] <= 1.0
         assert h["g2rl/served_old_pass"] == 0.0  # on-policy: TRL made no old pass
+        assert 1.0 <= h["g2rl/distinct_per_group"] <= trainer.num_generations
+        assert h["g2rl/collapse_warning"] == 0.0  # two steps: less than a window
     changed = any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
     assert changed and trainer.state.global_step == 2
 
@@ -227,3 +229,16 @@ def test_scored_pair_stats_leave_out_unscored():
     assert math.isclose(mean, float(vals.mean()), rel_tol=1e-6)
     assert math.isclose(neg, float((vals < 0).double().mean()), rel_tol=1e-9)
     assert all(math.isnan(x) for x in _scored_pair_stats(cos, torch.zeros(3, 4, dtype=bool)))
+
+
+def test_distinct_per_group_from_feature_cosines():
+    from g2rl.geometry import group_cosine
+    from g2rl.integrations.trl import _distinct_per_group
+
+    # group 0: rows 0, 1 and 3 identical, row 2 different -> 2 distinct; group 1: all equal
+    a, b = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([-1.0, 0.3, 2.0])
+    feats = torch.stack([torch.stack([a, a, b, a]), torch.stack([b, b, b, b])])
+    assert _distinct_per_group(group_cosine(feats)) == (2 + 1) / 2
+    # all different
+    gen = torch.Generator().manual_seed(0)
+    assert _distinct_per_group(group_cosine(torch.randn(3, 5, 16, generator=gen))) == 5.0

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 import g2rl_kernels
+from g2rl.collapse import CollapseMonitor
 from g2rl.trainer import group_novelty_skip_nan
 
 #: TRL versions this integration was tested with (the ``[trl]`` extra pins the same range).
@@ -214,6 +215,15 @@ def _scored_pair_stats(cosine: torch.Tensor, scored: torch.Tensor) -> tuple[floa
     return float(vals.mean()), float((vals < 0).double().mean())
 
 
+def _distinct_per_group(cosine: torch.Tensor, same: float = 0.9999) -> float:
+    """Mean number of distinct responses per group, from (B, G, G) feature cosines: response j
+    repeats an earlier i when S_ij > ``same`` (identical token sequences have cosine 1)."""
+    g = cosine.shape[-1]
+    earlier = torch.ones(g, g, dtype=torch.bool, device=cosine.device).tril(-1)  # i < j
+    repeats = ((cosine.transpose(1, 2) > same) & earlier).any(dim=-1)  # (B, G): j repeats
+    return float(g - repeats.sum(dim=1).double().mean())
+
+
 class G2RLGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with G2RL advantages (see the module docstring).
 
@@ -226,7 +236,10 @@ class G2RLGRPOTrainer(GRPOTrainer):
     Logged metrics (train): ``g2rl/novelty_mean``, ``g2rl/cos_mean`` (mean pairwise feature
     cosine within groups), ``g2rl/neg_pair_share``, ``g2rl/shaped_reward_mean``,
     ``g2rl/adv_abs_mean``, ``g2rl/served_old_pass`` (1 when the features came from TRL's old
-    log-prob pass).
+    log-prob pass), ``g2rl/distinct_per_group`` (responses whose features differ: identical
+    token sequences have identical features) and ``g2rl/collapse_warning`` (1 from the step
+    where the collapse warning of :mod:`g2rl.collapse` fired: responses within groups stopped
+    differing while the share of positive rewards did not rise; printed once, never stops).
     """
 
     def __init__(self, model: Any, reward_funcs: Any, args: G2RLGRPOConfig | None = None,
@@ -243,6 +256,7 @@ class G2RLGRPOTrainer(GRPOTrainer):
         check_lm_head(_unwrap(self.model, self.accelerator))
         self._g2rl_serve = False
         self._g2rl_features: torch.Tensor | None = None
+        self._g2rl_collapse = CollapseMonitor()
         self._g2rl_rewards_per_func: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -347,7 +361,18 @@ class G2RLGRPOTrainer(GRPOTrainer):
         logged.extend(adv.tolist())
         scored = ~torch.isnan(rewards)
         cos_mean, neg_share = _scored_pair_stats(nov.cosine, scored.view(-1, g))
+        distinct = _distinct_per_group(nov.cosine)
+        warning = self._g2rl_collapse.update({
+            "step": int(self.state.global_step) + 1,
+            "accuracy": float((rewards[scored] > 0).float().mean()) if bool(scored.any())
+            else 0.0,
+            "feature_cos_mean": 0.0 if cos_mean != cos_mean else cos_mean,
+            "distinct_per_group": distinct})
+        if warning and self.accelerator.is_main_process:
+            warnings.warn(warning, stacklevel=2)
         metrics = {
+            "g2rl/distinct_per_group": distinct,
+            "g2rl/collapse_warning": float(self._g2rl_collapse.collapsed),
             "g2rl/novelty_mean": float(nov.novelty.reshape(-1)[scored].mean()),
             "g2rl/cos_mean": cos_mean,
             "g2rl/neg_pair_share": neg_share,
