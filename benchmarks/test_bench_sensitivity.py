@@ -16,6 +16,16 @@ RSS through /proc/self/clear_refs just before the call (``ru_maxrss`` where that
 It counts every page the call touches (torch's CPU allocator, MKL's buffers), which tracemalloc
 would not see. It goes to ``benchmark.extra_info`` (MiB), with the ratios against ``pooled``.
 
+Two more CPU groups (issue 12), each with its baseline in the same run:
+
+- sharp logits, float32, N = 2048 in 32 sequences, V = 32768, d = 256: ``flat`` (logits' std
+  about 1, the baseline) and ``sharp`` (std about 30: a confident model or a low temperature;
+  most exp arguments below -87, torch.exp's denormal slow path without the clamp);
+- 16-bit inputs, N = 1024 in 32 sequences, V = 151936, d = 896 (Qwen2.5-0.5B's LM head):
+  ``float32`` (the same shape in float32, the baseline), ``bfloat16`` (W upcast one vocabulary
+  chunk at a time) and ``bfloat16_upcast_first`` (float32 copies of W and h made first: what
+  the CPU path did before, for comparison).
+
 GPU (skipped without one): bf16, N = 32768, V = 151936, d = 2048 (Qwen3-1.7B): time, TFLOP/s
 counted as 4 N V d, the fraction of a large bf16 ``torch.matmul`` rate measured in the same
 run, and a chunked PyTorch baseline.
@@ -37,16 +47,19 @@ import torch
 import g2rl_kernels
 
 CPU_SHAPE = dict(n=4096, num_seqs=16, v=32768, d=512)
+SHARP_SHAPE = dict(n=2048, num_seqs=32, v=32768, d=256)
+HALF_SHAPE = dict(n=1024, num_seqs=32, v=151936, d=896)
 GPU_SHAPE = dict(n=32768, num_seqs=64, v=151936, d=2048)
 _results: dict = {}
 
 
-def make_inputs(n, num_seqs, v, d, dtype=torch.float32, device="cpu", seed=0):
-    """Inputs built in place (no temporaries that would inflate the baseline peak RSS)."""
+def make_inputs(n, num_seqs, v, d, dtype=torch.float32, device="cpu", seed=0, logit_std=2.0):
+    """Inputs built in place (no temporaries that would inflate the baseline peak RSS); the
+    logits' std is about ``logit_std``."""
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.empty(n, d, dtype=dtype, device=device).normal_(generator=g)
     weight = torch.empty(v, d, dtype=dtype, device=device).normal_(generator=g)
-    weight.mul_(2.0 / math.sqrt(d))
+    weight.mul_(logit_std / math.sqrt(d))
     targets = torch.randint(0, v, (n,), generator=g, device=device)
     seq_index = torch.arange(n, device=device) * num_seqs // n  # contiguous sequences
     return hidden, weight, targets, seq_index, num_seqs
@@ -88,7 +101,19 @@ def natural(hidden, weight, targets, seq_index, num_seqs):
     return g2rl_kernels.SensitivityOutput(logprobs, entropy, lse, feats, None)
 
 
+def pooled_upcast_first(hidden, weight, targets, seq_index, num_seqs):
+    """16-bit inputs the way the CPU path used to treat them: float32 copies first."""
+    return pooled(hidden.float(), weight.float(), targets, seq_index, num_seqs)
+
+
 IMPLS = {"pooled": pooled, "natural": natural, "per_token": per_token}
+# (implementation, input shape, input dtype) of every row whose peak memory is measured
+PEAK_ROWS = {
+    **{impl: (fn, CPU_SHAPE, torch.float32) for impl, fn in IMPLS.items()},
+    "float32": (pooled, HALF_SHAPE, torch.float32),
+    "bfloat16": (pooled, HALF_SHAPE, torch.bfloat16),
+    "bfloat16_upcast_first": (pooled_upcast_first, HALF_SHAPE, torch.bfloat16),
+}
 
 
 def peak_rss_mib(impl: str) -> float:
@@ -101,11 +126,11 @@ def peak_rss_mib(impl: str) -> float:
 
 
 def _peak_main(impl: str) -> None:
-    fn = IMPLS[impl]
-    small = make_inputs(n=64, num_seqs=4, v=1024, d=CPU_SHAPE["d"], seed=1)
+    fn, shape, dtype = PEAK_ROWS[impl]
+    small = make_inputs(n=64, num_seqs=4, v=1024, d=shape["d"], dtype=dtype, seed=1)
     fn(*small)  # initialise torch/MKL outside the measurement
     del small
-    args = make_inputs(**CPU_SHAPE)
+    args = make_inputs(**shape, dtype=dtype)
     try:  # reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -146,6 +171,50 @@ def test_sensitivity_cpu(benchmark, impl):
             peak_vs_pooled=round(peak / max(base["peak_mib"], 1e-9), 1),
         )
     assert out.seq_features.shape == (CPU_SHAPE["num_seqs"], CPU_SHAPE["d"])
+    assert torch.isfinite(out.seq_features).all()
+
+
+def _time_vs(benchmark, key: str, base_key: str) -> None:
+    """Record this row's min time (and peak) and its ratios against the group's baseline."""
+    if base_key in _results and key != base_key:
+        base, row = _results[base_key], _results[key]
+        benchmark.extra_info[f"time_vs_{base_key.split(':')[1]}"] = round(
+            row["time_s"] / base["time_s"], 2)
+        if "peak_mib" in row:
+            benchmark.extra_info[f"peak_vs_{base_key.split(':')[1]}"] = round(
+                row["peak_mib"] / max(base["peak_mib"], 1e-9), 2)
+
+
+@pytest.mark.parametrize("logits", ["flat", "sharp"])
+def test_sensitivity_cpu_sharp_logits(benchmark, logits):
+    """Confident models: the same shapes with the logits' std about 1 and about 30."""
+    std = {"flat": 1.0, "sharp": 30.0}[logits]
+    args = make_inputs(**SHARP_SHAPE, logit_std=std)
+    benchmark.group = "sensitivity cpu float32 sharp logits N=2048 S=32 V=32768 d=256"
+    out = benchmark.pedantic(pooled, args=args, rounds=5, iterations=1, warmup_rounds=1)
+    _results[f"sharp:{logits}"] = dict(time_s=benchmark.stats.stats.min)
+    benchmark.extra_info.update(SHARP_SHAPE, logits=logits, logit_std=std,
+                                threads=torch.get_num_threads(),
+                                load_average_1min=round(os.getloadavg()[0], 2))
+    _time_vs(benchmark, f"sharp:{logits}", "sharp:flat")
+    assert torch.isfinite(out.seq_features).all()
+
+
+@pytest.mark.parametrize("impl", ["float32", "bfloat16", "bfloat16_upcast_first"])
+def test_sensitivity_cpu_16bit(benchmark, impl):
+    """16-bit inputs at Qwen2.5-0.5B's LM head: time and peak memory above the inputs."""
+    fn, shape, dtype = PEAK_ROWS[impl]
+    args = make_inputs(**shape, dtype=dtype)
+    benchmark.group = "sensitivity cpu 16-bit N=1024 S=32 V=151936 d=896"
+    peak = peak_rss_mib(impl)
+    out = benchmark.pedantic(fn, args=args, rounds=2, iterations=1, warmup_rounds=1)
+    _results[f"half:{impl}"] = dict(time_s=benchmark.stats.stats.min, peak_mib=peak)
+    w_mib = args[1].numel() * args[1].element_size() / 2**20
+    benchmark.extra_info.update(shape, impl=impl, dtype=str(dtype), weight_mib=round(w_mib, 1),
+                                peak_mib_above_inputs=round(peak, 1),
+                                threads=torch.get_num_threads(),
+                                load_average_1min=round(os.getloadavg()[0], 2))
+    _time_vs(benchmark, f"half:{impl}", "half:float32")
     assert torch.isfinite(out.seq_features).all()
 
 

@@ -12,9 +12,24 @@ Conventions:
   their token feature row is 0, and they count in no sequence feature nor normaliser).
 - ``num_seqs`` may be omitted on the CPU (it is then ``seq_index.max() + 1``); on CUDA it is
   required, because deriving it would need a host synchronisation.
-- ``check_values=True`` (default) scans targets, seq_index and token_weights for out-of-range
-  values: one host synchronisation on CUDA. Pass False in a hot loop whose inputs are known to
-  be valid (invalid values then give undefined results).
+- Bad values (the same rule on every backend). ``check_values=True`` (default) scans the values
+  and raises a ``ValueError`` naming the first bad row, the input it is in and what is wrong:
+  targets outside [0, V) (other than ``ignore_index``), seq_index outside [0, num_seqs),
+  negative or non-finite token weights, a non-finite hidden state of a counted token, a
+  non-finite row of ``weight`` or entry of ``bias``. It costs one host synchronisation on CUDA
+  and no (N, d) or (V, d) temporary. With ``check_values=False`` a non-finite hidden state (or
+  logits that overflow float32) stays where it belongs: that token's logprob, entropy, lse and
+  token-feature row are non-finite, and so is the feature of its sequence (all NaN) if the
+  token counts in it (not ignored, nonzero weight); every other token and sequence gets what it
+  would get without that row. An ignored token's hidden state is not checked: if it is non-finite
+  only its own ``lse`` is. Out-of-range indices or a non-finite ``weight``/``bias`` with
+  ``check_values=False`` give undefined results.
+- Scalars: ``num_seqs`` and ``ignore_index`` may be Python or NumPy integers or 0-d integer
+  tensors, ``temperature`` a Python or NumPy real or a 0-d tensor. ``bias`` must have the dtype
+  of ``weight`` or float32 (every backend adds it in float32). ``token_weights`` without
+  ``seq_index`` are refused (they only weight the sequence features).
+- 16-bit inputs are never copied whole to float32: the CPU path upcasts one vocabulary chunk of
+  W at a time, the Triton kernels one tile at a time.
 - The outputs are not differentiable (the features are meant for the no-grad log-prob pass);
   ``weight`` is only read, so tied input/output embeddings are fine.
 """
@@ -74,26 +89,33 @@ def sensitivity(
             embedding; it is never modified).
         targets: (N,) integer token ids in [0, V), or ``ignore_index``.
         seq_index: (N,) integer sequence id of each token in [0, num_seqs); None: no features.
-        num_seqs: number of sequences; required with ``seq_index`` on CUDA.
-        token_weights: (N,) float weights a_t >= 0 (default 1 for every counted token).
-        bias: (V,) LM-head bias.
-        temperature: T > 0.
+        num_seqs: number of sequences (int, NumPy integer or 0-d integer tensor); required with
+            ``seq_index`` on CUDA.
+        token_weights: (N,) float weights a_t >= 0 (default 1 for every counted token); only
+            with ``seq_index``.
+        bias: (V,) LM-head bias, of the dtype of ``weight`` or float32.
+        temperature: T > 0 (a real number, NumPy scalar or 0-d tensor).
         ignore_index: target value of tokens to leave out (not in [0, V)).
         return_token_features: also return phi_t (N, d).
-        check_values: scan the values of targets/seq_index/token_weights (a host sync on CUDA).
+        check_values: scan the values of targets/seq_index/token_weights and the finiteness of
+            hidden (counted tokens), weight and bias; a ValueError names the first bad row (one
+            host sync on CUDA). Without it a non-finite hidden row stays in its own token's
+            outputs and its own sequence's feature (see the module docstring).
         _backend: testing hook: "auto" (CUDA -> Triton, CPU -> torch), "torch" or "triton"
             (on CPU tensors only with TRITON_INTERPRET=1).
         _out: testing hook: preallocated float32 outputs to write into (e.g. NaN-poisoned).
-        _options: testing hook: ``chunk_size`` (torch path) or ``num_splits`` (Triton path).
+        _options: testing hook: ``chunk_size`` and ``vocab_chunk`` (torch path) or
+            ``num_splits`` and ``blocks`` (Triton path).
 
     Returns:
         :class:`SensitivityOutput` of float32 tensors on the device of ``hidden``.
     """
-    num_seqs = validate_sensitivity_args(
+    checked = validate_sensitivity_args(
         hidden, weight, targets, seq_index=seq_index, num_seqs=num_seqs,
         token_weights=token_weights, bias=bias, temperature=temperature,
         ignore_index=ignore_index, check_values=check_values,
     )
+    num_seqs, temperature, ignore_index = checked
     backend = _pick_backend(_backend, hidden)
     n, d = hidden.shape
     out = _out if _out is not None else _allocate(
@@ -108,7 +130,7 @@ def sensitivity(
                 targets, seq_index, num_seqs, token_weights, ignore_index
             )
         kwargs = dict(
-            seq_index=seq_index, a_norm=a_norm, bias=bias, temperature=float(temperature),
+            seq_index=seq_index, a_norm=a_norm, bias=bias, temperature=temperature,
             ignore_index=ignore_index, logprobs=out.logprobs, entropy=out.entropy, lse=out.lse,
             seq_features=out.seq_features if seq_index is not None else None,
             token_features=out.token_features if return_token_features else None,
@@ -234,8 +256,10 @@ def sequence_features(
     """:func:`sensitivity` for a padded batch of B sequences of length T.
 
     Args:
-        hidden: (B, T, d); weight: (V, d); targets: (B, T) integer (any value where masked);
-        mask: (B, T) bool, False = ignored token (prompt, padding); token_weights: (B, T).
+        hidden: (B, T, d) (any value where masked: masked rows are not checked and only their
+            own lse depends on them); weight: (V, d); targets: (B, T) integer (any value where
+            masked); mask: (B, T) bool, False = ignored token (prompt, padding);
+            token_weights: (B, T).
 
     Returns:
         :class:`SensitivityOutput`: logprobs, entropy, lse (B, T); seq_features (B, d);
@@ -243,10 +267,17 @@ def sequence_features(
     """
     validate_padded_args(hidden, targets, mask, token_weights)
     flat = flatten_padded(hidden, targets, mask, token_weights)
-    out = sensitivity(
-        flat.hidden, weight, flat.targets, seq_index=flat.seq_index, num_seqs=flat.num_seqs,
-        token_weights=flat.token_weights, bias=bias, temperature=temperature,
-        ignore_index=flat.ignore_index, return_token_features=return_token_features,
-        check_values=check_values,
-    )
+    try:
+        out = sensitivity(
+            flat.hidden, weight, flat.targets, seq_index=flat.seq_index, num_seqs=flat.num_seqs,
+            token_weights=flat.token_weights, bias=bias, temperature=temperature,
+            ignore_index=flat.ignore_index, return_token_features=return_token_features,
+            check_values=check_values,
+        )
+    except ValueError as e:
+        if "(token " not in str(e):
+            raise
+        t = hidden.shape[1]
+        raise ValueError(f"{e} (sequence_features: token i of the flattened batch is position "
+                         f"[i // T, i % T] of the (B, T) batch, T = {t})") from None
     return unflatten_padded(out, hidden.shape)

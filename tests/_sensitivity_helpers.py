@@ -33,12 +33,14 @@ class Case:
     ignore_index: int = -100
     token_features: bool = True
     pooled: bool = True
-    options: tuple = ()  # _options items (chunk_size, num_splits, blocks)
+    options: tuple = ()  # _options items (chunk_size, vocab_chunk, num_splits, blocks)
+    logit_std: float | None = None  # scale W so that the logits' std is about this (sharp)
 
     @property
     def id(self) -> str:
         flags = [f"T{self.temperature}"] if self.temperature != 1.0 else []
         flags += [name for name in ("bias", "weights", "peaked") if getattr(self, name)]
+        flags += [f"std{self.logit_std:g}"] if self.logit_std is not None else []
         flags += [] if self.layout == "sorted" else [self.layout]
         flags += [f"{k}{v}" for k, v in self.options]
         flags += [] if self.pooled else ["nopool"]
@@ -65,7 +67,7 @@ def make_inputs(case: Case) -> dict:
     g = torch.Generator().manual_seed(case.seed)
     n, v, d = case.n, case.v, case.d
     hidden = torch.randn(n, d, generator=g)
-    weight = torch.randn(v, d, generator=g) * (2.0 / math.sqrt(d))
+    weight = torch.randn(v, d, generator=g) * ((case.logit_std or 2.0) / math.sqrt(d))
     targets = torch.randint(0, v, (n,), generator=g)
     if case.peaked and n:
         # rows of W a large multiple of some h: logit ~ 12 sqrt(d) for that token
@@ -286,6 +288,17 @@ INTERPRETED_CASES = [
     replace(cycle_case(17, 33, 1000, 40, "float32"), temperature=1.3, bias=True),
 ]
 
+# issue 12 on the Triton path (interpreted): containment settings and sharp-logit cases
+INTERPRETED_CONTAINMENT = [
+    (torch.float32, {}),
+    (torch.bfloat16, {"blocks": (16, 64, 16)}),
+    (torch.float32, {"shuffled": True, "seqs": 40, "num_splits": 2}),
+]
+INTERPRETED_SHARP_CASES = [
+    replace(cycle_case(20, 65, 1000, 40, "float32"), logit_std=30.0, weights=True),
+    replace(cycle_case(21, 33, 517, 24, "bfloat16"), logit_std=100.0, temperature=0.7),
+]
+
 
 def largest_allocation(fn) -> int:
     """Bytes of the largest single CPU allocation torch makes while fn() runs (the profiler's
@@ -295,3 +308,104 @@ def largest_allocation(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return max([e.self_cpu_memory_usage for e in prof.events()] + [0])
+
+
+# --- bad values: containment with check_values=False (the same rule on every backend) ---
+
+BAD_VALUES = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
+
+
+def containment_inputs(n: int = 70, v: int = 300, d: int = 24, seqs: int = 9,
+                       shuffled: bool = False, seed: int = 21) -> dict:
+    """Clean inputs and the three tokens that get a bad hidden state in the containment tests:
+    ``counted`` (weight > 0, sequence ``bad_seq``), ``ignored`` (target ignore_index) and
+    ``zero_weight`` (counted, token weight 0), each in a different sequence."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) / math.sqrt(d)
+    targets = torch.randint(0, v, (n,), generator=g)
+    seq_index = torch.arange(n) * seqs // n
+    if shuffled:
+        seq_index = seq_index[torch.randperm(n, generator=g)]
+    token_weights = torch.rand(n, generator=g) + 0.5
+    order = torch.argsort(seq_index, stable=True).tolist()  # tokens grouped by sequence
+    counted, ignored, zero_weight = order[3], order[n // 3], order[2 * n // 3]
+    assert len({int(seq_index[t]) for t in (counted, ignored, zero_weight)}) == 3
+    targets[ignored] = -100
+    token_weights[zero_weight] = 0.0
+    kw = dict(hidden=hidden, weight=weight, targets=targets, seq_index=seq_index, num_seqs=seqs,
+              token_weights=token_weights, bias=torch.randn(v, generator=g),
+              temperature=0.9, ignore_index=-100, return_token_features=True)
+    bad = dict(counted=counted, ignored=ignored, zero_weight=zero_weight)
+    return dict(kw=kw, bad=bad)
+
+
+def check_containment(backend: str, value: str, dtype: torch.dtype = torch.float32,
+                      **options) -> None:
+    """A non-finite element in three tokens' hidden states, check_values=False: only those
+    tokens' outputs and the feature of the sequence of the counted one are non-finite; every
+    other output equals the clean run's."""
+    spec = containment_inputs(shuffled=options.pop("shuffled", False),
+                              seqs=options.pop("seqs", 9))
+    kw, bad = to(spec["kw"], dtype), spec["bad"]
+    kw["token_weights"] = spec["kw"]["token_weights"]
+    run = dict(_backend=backend, _options=options or None)
+    clean = g2rl_kernels.sensitivity(**kw, **run)
+    broken = dict(kw)
+    broken["hidden"] = kw["hidden"].clone()
+    for j, t in enumerate(bad.values()):
+        broken["hidden"][t, (5 + 7 * j) % kw["hidden"].shape[1]] = BAD_VALUES[value]
+    out = g2rl_kernels.sensitivity(**broken, **run, check_values=False)
+    n = kw["hidden"].shape[0]
+    rows = [t for t in range(n) if t not in bad.values()]
+    bad_seq = int(kw["seq_index"][bad["counted"]])
+    finite = [b for b in range(kw["num_seqs"]) if b != bad_seq]
+    what = f"{backend} {dtype} {value} {options}"
+    for f in ("logprobs", "entropy", "lse", "token_features"):
+        torch.testing.assert_close(getattr(out, f)[rows], getattr(clean, f)[rows], rtol=1e-6,
+                                   atol=1e-6, msg=lambda m, f=f: f"{what} {f}: {m}")
+    torch.testing.assert_close(out.seq_features[finite], clean.seq_features[finite], rtol=1e-5,
+                               atol=1e-6, msg=lambda m: f"{what} seq_features: {m}")
+    c, i, z = bad["counted"], bad["ignored"], bad["zero_weight"]
+    for t in (c, z):  # counted tokens: every per-token output is non-finite
+        for f in ("logprobs", "entropy", "lse"):
+            assert not torch.isfinite(getattr(out, f)[t]), (what, f, t)
+        assert not torch.isfinite(out.token_features[t]).any(), (what, t)
+    # the ignored token: logprob, entropy and token feature are 0 by definition; lse is its own
+    assert out.logprobs[i] == 0 and out.entropy[i] == 0, what
+    assert torch.equal(out.token_features[i], torch.zeros_like(out.token_features[i])), what
+    assert not torch.isfinite(out.lse[i]), what
+    assert torch.isnan(out.seq_features[bad_seq]).all(), what
+
+
+def check_weight_containment(backend: str, **options) -> None:
+    """A NaN token weight (check_values=False) makes its own sequence's feature NaN, nothing
+    else: the per-token outputs do not depend on token weights at all."""
+    spec = containment_inputs()
+    kw = spec["kw"]
+    run = dict(_backend=backend, _options=options or None)
+    clean = g2rl_kernels.sensitivity(**kw, **run)
+    t = spec["bad"]["counted"]
+    broken = dict(kw, token_weights=kw["token_weights"].clone())
+    broken["token_weights"][t] = math.nan
+    out = g2rl_kernels.sensitivity(**broken, **run, check_values=False)
+    b = int(kw["seq_index"][t])
+    others = [s for s in range(kw["num_seqs"]) if s != b]
+    for f in ("logprobs", "entropy", "lse", "token_features"):
+        torch.testing.assert_close(getattr(out, f), getattr(clean, f), rtol=0, atol=0)
+    torch.testing.assert_close(out.seq_features[others], clean.seq_features[others], rtol=1e-5,
+                               atol=1e-6)
+    assert torch.isnan(out.seq_features[b]).all(), backend
+
+
+class ExpArguments(torch.overrides.TorchFunctionMode):
+    """Records the smallest argument of every torch.exp / Tensor.exp(_) call while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.smallest: list[float] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.exp, torch.Tensor.exp, torch.Tensor.exp_) and args[0].numel():
+            self.smallest.append(float(args[0].min()))
+        return func(*args, **(kwargs or {}))

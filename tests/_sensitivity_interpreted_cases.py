@@ -12,14 +12,25 @@ import os
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
     raise RuntimeError("run with TRITON_INTERPRET=1 (see test_sensitivity_triton_interpreted.py)")
 
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from _sensitivity_helpers import (  # noqa: E402
+    BAD_VALUES,
     FIELDS,
     INTERPRETED_CASES,
+    INTERPRETED_CONTAINMENT,
+    INTERPRETED_SHARP_CASES,
+    check_containment,
+    check_weight_containment,
+    containment_inputs,
     largest_allocation,
     run_and_check,
 )
+from hypothesis import given  # noqa: E402
+from test_sensitivity_fuzz import check_fuzz_case, fuzz_cases, fuzz_settings  # noqa: E402
 
 import g2rl_kernels  # noqa: E402
 from g2rl_kernels import reference  # noqa: E402
@@ -67,3 +78,52 @@ def test_triton_allocates_no_n_by_v_or_n_by_d():
     out = g2rl_kernels.sensitivity(h, w, y, **kw)
     peak = largest_allocation(lambda: g2rl_kernels.sensitivity(h, w, y, **kw, _out=out))
     assert 0 < peak < n * d * 4 // 16, peak
+
+
+# --- issue 12: the same input rules as the CPU path ---
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy: invalid value in matmul
+@pytest.mark.parametrize("value", list(BAD_VALUES))
+@pytest.mark.parametrize("dtype, options", INTERPRETED_CONTAINMENT,
+                         ids=["f32", "bf16-blocks16", "f32-many-seqs-splits2"])
+def test_triton_non_finite_hidden_stays_in_its_token_and_sequence(value, dtype, options):
+    check_containment("triton", value, dtype, **options)
+
+
+def test_triton_nan_token_weight_stays_in_its_sequence():
+    check_weight_containment("triton")
+
+
+def test_triton_check_values_and_scalars():
+    spec = containment_inputs()
+    kw = dict(spec["kw"], hidden=spec["kw"]["hidden"].clone())
+    t = spec["bad"]["counted"]
+    kw["hidden"][t, 4] = math.nan
+    with pytest.raises(ValueError, match=rf"hidden\[{t}\] \(token {t}, .*NaN at column 4"):
+        g2rl_kernels.sensitivity(**kw, _backend="triton")
+    kw = dict(spec["kw"], num_seqs=np.int64(9), temperature=np.float32(0.9),
+              bias=spec["kw"]["bias"].float())
+    out = g2rl_kernels.sensitivity(**kw, _backend="triton")
+    ref = reference.sensitivity(**dict(kw, num_seqs=9, temperature=float(np.float32(0.9))))
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(out, f).double(), getattr(ref, f).double(),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="token_weights were given without seq_index"):
+        g2rl_kernels.sensitivity(kw["hidden"], kw["weight"], kw["targets"],
+                                 token_weights=kw["token_weights"], _backend="triton")
+    with pytest.raises(TypeError, match=r"bias must have a float dtype: the dtype of weight"):
+        g2rl_kernels.sensitivity(kw["hidden"], kw["weight"], kw["targets"],
+                                 bias=kw["bias"].double(), _backend="triton")
+
+
+@pytest.mark.parametrize("case", INTERPRETED_SHARP_CASES, ids=lambda c: c.id)
+def test_triton_sharp_logits(case):
+    run_and_check(case, backend="triton")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@fuzz_settings(examples=60, long_examples=300)
+@given(case=fuzz_cases(80, 700, 64))
+def test_triton_fuzz_against_float64(case):
+    check_fuzz_case(case, backend="triton")

@@ -14,15 +14,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from _sensitivity_helpers import INTERPRETED_CASES
+from _sensitivity_helpers import (
+    BAD_VALUES,
+    INTERPRETED_CASES,
+    INTERPRETED_CONTAINMENT,
+    INTERPRETED_SHARP_CASES,
+)
 
 pytest.importorskip("triton", reason="Triton is not installed (it is on Linux)")
 
 HERE = Path(__file__).resolve().parent
 CASES_FILE = HERE / "_sensitivity_interpreted_cases.py"
 # test_interpreter_is_on + the cases + test_triton_non_contiguous_and_tied (two dtypes)
-# + test_triton_allocates_no_n_by_v_or_n_by_d
-EXPECTED_PASSED = 1 + len(INTERPRETED_CASES) + 2 + 1
+# + test_triton_allocates_no_n_by_v_or_n_by_d; issue 12: containment (values x settings),
+# NaN token weight, check_values and scalars, the sharp-logit cases, the fuzz subset
+EXPECTED_PASSED = (1 + len(INTERPRETED_CASES) + 2 + 1
+                   + len(BAD_VALUES) * len(INTERPRETED_CONTAINMENT) + 1 + 1
+                   + len(INTERPRETED_SHARP_CASES) + 1)
 
 
 def test_triton_kernels_interpreted():

@@ -1,17 +1,35 @@
 """Argument validation shared by :func:`g2rl_kernels.sensitivity` and its reference.
 
 Every bad input raises a ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape,
-device or value) whose message names the argument and shows what was received.
+device or value) whose message names the argument and shows what was received. The rules are
+the same on every backend (they are checked here, before dispatching).
+
+Scalars: ``num_seqs`` and ``ignore_index`` accept Python and NumPy integers and 0-d integer
+tensors; ``temperature`` accepts Python and NumPy real numbers and 0-d real tensors (a 0-d CUDA
+tensor costs a host synchronisation to read). Booleans are refused.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+from typing import NamedTuple
 
 import torch
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# rows of W scanned at a time when looking for the first non-finite row (error path only)
+_SCAN_ROWS = 4096
+
+
+class CheckedArgs(NamedTuple):
+    """Normalised scalar arguments returned by :func:`validate_sensitivity_args`."""
+
+    num_seqs: int | None  # derived from seq_index on the CPU when it was None
+    temperature: float
+    ignore_index: int
 
 
 def describe(t: torch.Tensor) -> str:
@@ -36,12 +54,44 @@ def _int_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must have an integer dtype, got {describe(t)}")
 
 
+def as_int(x: object) -> int | None:
+    """``x`` as a Python int if it is an int, a NumPy integer or a 0-d integer tensor (not a
+    bool); None otherwise."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or x.dtype not in INDEX_DTYPES:
+            return None
+        return int(x.item())
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        return None
+    return operator.index(x)
+
+
 def check_temperature(temperature: object) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    """``temperature`` as a float: a real number (Python, NumPy or a 0-d tensor), finite, > 0."""
+    value = None
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() == 0 and (temperature.dtype.is_floating_point
+                                       or temperature.dtype in INDEX_DTYPES):
+            value = float(temperature.item())
+    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        value = float(temperature)
+    if value is None:
+        raise TypeError(
+            f"temperature must be a number (a real: int, float, NumPy scalar or 0-d tensor), got "
+            f"{type(temperature).__name__}"
+        )
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return float(temperature)
+    return value
+
+
+def check_bias_dtype(bias: torch.Tensor, weight: torch.Tensor) -> None:
+    """The bias rule of every backend: the dtype of ``weight``, or float32."""
+    if bias.dtype not in (weight.dtype, torch.float32):
+        raise TypeError(
+            f"bias must have a float dtype: the dtype of weight ({weight.dtype}) or "
+            f"torch.float32, got {describe(bias)}"
+        )
 
 
 def validate_sensitivity_args(
@@ -50,23 +100,24 @@ def validate_sensitivity_args(
     targets: torch.Tensor,
     *,
     seq_index: torch.Tensor | None,
-    num_seqs: int | None,
+    num_seqs: object,
     token_weights: torch.Tensor | None,
     bias: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
+    temperature: object,
+    ignore_index: object,
     reference: bool = False,
     check_values: bool = True,
-) -> int | None:
-    """Check the arguments of ``sensitivity``; return ``num_seqs`` (derived if it was None).
+) -> CheckedArgs:
+    """Check the arguments of ``sensitivity``; return the normalised scalars.
 
     Shapes: hidden (N, d), weight (V, d), targets (N,), seq_index (N,), token_weights (N,),
     bias (V,). ``reference`` also allows float64 (and any float dtype) for hidden/weight.
+    ``bias`` must have the dtype of ``weight`` or float32. ``token_weights`` need
+    ``seq_index`` (they only weight the sequence features).
 
-    ``check_values`` scans the values (targets in [0, V) or ``ignore_index``, seq_index in
-    [0, num_seqs), token_weights >= 0 and finite): one host synchronisation on CUDA. Without
-    ``num_seqs`` it is derived as ``seq_index.max() + 1`` on the CPU; on CUDA it is required
-    (a data-dependent output shape would need a host synchronisation).
+    ``check_values`` scans the values (see :func:`check_values`): one host synchronisation on
+    CUDA. Without ``num_seqs`` it is derived as ``seq_index.max() + 1`` on the CPU; on CUDA it
+    is required (a data-dependent output shape would need a host synchronisation).
     """
     hidden = _tensor("hidden", hidden)
     weight = _tensor("weight", weight)
@@ -99,22 +150,27 @@ def validate_sensitivity_args(
         raise ValueError(f"targets must have shape (N,) = ({n},), got {describe(targets)}")
     _int_tensor("targets", targets)
     _same_device("targets", targets, hidden)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    ignore = as_int(ignore_index)
+    if ignore is None:
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if 0 <= ignore_index < v:
+    if 0 <= ignore < v:
         raise ValueError(
-            f"ignore_index must not be a valid vocabulary index [0, {v}), got {ignore_index}"
+            f"ignore_index must not be a valid vocabulary index [0, {v}), got {ignore}"
         )
-    check_temperature(temperature)
+    temp = check_temperature(temperature)
     if bias is not None:
         bias = _tensor("bias", bias)
         if bias.shape != (v,):
             raise ValueError(f"bias must have shape (V,) = ({v},), got {describe(bias)}")
-        if not bias.dtype.is_floating_point:
-            raise TypeError(f"bias must have a float dtype, got {describe(bias)}")
+        check_bias_dtype(bias, weight)
         _same_device("bias", bias, hidden)
     if token_weights is not None:
         token_weights = _tensor("token_weights", token_weights)
+        if seq_index is None:
+            raise ValueError(
+                "token_weights were given without seq_index: they only weight the tokens of "
+                "each sequence feature, so without seq_index they would be ignored"
+            )
         if token_weights.shape != (n,):
             raise ValueError(
                 f"token_weights must have shape (N,) = ({n},), got {describe(token_weights)}"
@@ -122,71 +178,150 @@ def validate_sensitivity_args(
         if not token_weights.dtype.is_floating_point:
             raise TypeError(f"token_weights must have a float dtype, got {describe(token_weights)}")
         _same_device("token_weights", token_weights, hidden)
+    count = None
     if num_seqs is not None:
-        if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs < 0:
-            raise ValueError(f"num_seqs must be an int >= 0, got {num_seqs!r}")
+        count = as_int(num_seqs)
+        if count is None or count < 0:
+            raise ValueError(
+                f"num_seqs must be an int >= 0, got {num_seqs!r} (Python or NumPy integers and "
+                f"0-d integer tensors are accepted)"
+            )
         if seq_index is None:
-            raise ValueError(f"num_seqs={num_seqs} was given without seq_index")
+            raise ValueError(f"num_seqs={count} was given without seq_index")
     if seq_index is not None:
         seq_index = _tensor("seq_index", seq_index)
         if seq_index.shape != (n,):
             raise ValueError(f"seq_index must have shape (N,) = ({n},), got {describe(seq_index)}")
         _int_tensor("seq_index", seq_index)
         _same_device("seq_index", seq_index, hidden)
-        if num_seqs is None:
+        if count is None:
             if hidden.is_cuda:
                 raise ValueError(
                     "num_seqs is required with seq_index on CUDA (deriving it would need a host "
                     "synchronisation)"
                 )
-            num_seqs = int(seq_index.max()) + 1 if n else 0
+            count = int(seq_index.max()) + 1 if n else 0
     if check_values:
-        _check_values(targets, v, ignore_index, seq_index, num_seqs, token_weights)
-    return num_seqs
+        check_values_of(hidden, weight, targets, ignore, seq_index, count, token_weights, bias)
+    return CheckedArgs(count, temp, ignore)
 
 
-def _check_values(
+def check_values_of(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
     targets: torch.Tensor,
-    v: int,
     ignore_index: int,
     seq_index: torch.Tensor | None,
     num_seqs: int | None,
     token_weights: torch.Tensor | None,
+    bias: torch.Tensor | None,
 ) -> None:
-    """Value checks; all flags are computed on the device and read back in one transfer."""
-    if targets.numel() == 0:
-        return
+    """The value checks of ``check_values=True``, in this order (the first failure is raised):
+
+    targets in [0, V) or ``ignore_index``; seq_index in [0, num_seqs); token_weights finite and
+    >= 0; the hidden row of every counted token (target != ignore_index) finite; weight finite;
+    bias finite. Ignored tokens' hidden rows are not checked (prompt or padding positions may
+    hold anything; a non-finite one only makes that token's ``lse`` non-finite).
+
+    All flags are computed on the device without (N, d) or (V, d) temporaries (row-wise and
+    global min/max) and read back in one transfer; the error message then names the first bad
+    row, which input it is in and what is wrong with it.
+    """
+    v = weight.shape[0]
     t = targets.long()
-    flags = [((t != ignore_index) & ((t < 0) | (t >= v))).any()]
-    if seq_index is not None:
-        s = seq_index.long()
-        flags.append(((s < 0) | (s >= num_seqs)).any())
-    if token_weights is not None:
-        flags.append(~torch.isfinite(token_weights).all())
-        flags.append((token_weights < 0).any())
-    bad = torch.stack(flags).tolist()  # the one host synchronisation (on CUDA)
-    if bad[0]:
-        bad_t = t[(t != ignore_index) & ((t < 0) | (t >= v))]
+    counted = t != ignore_index
+    flags = {"weight": _not_finite(torch.aminmax(weight))}
+    if bias is not None:
+        flags["bias"] = _not_finite(torch.aminmax(bias))
+    if targets.numel():
+        flags["targets"] = (counted & ((t < 0) | (t >= v))).any()
+        if seq_index is not None:
+            s = seq_index.long()
+            flags["seq_index"] = ((s < 0) | (s >= num_seqs)).any()
+        if token_weights is not None:
+            flags["token_weights_finite"] = ~torch.isfinite(token_weights).all()
+            flags["token_weights_sign"] = (token_weights < 0).any()
+        flags["hidden"] = (_rows_not_finite(hidden) & counted).any()
+    bad = dict(zip(flags, torch.stack(list(flags.values())).tolist(), strict=True))  # one sync
+    if bad.get("targets"):
+        where = torch.nonzero(counted & ((t < 0) | (t >= v))).flatten()
         raise ValueError(
             f"targets must be in [0, V) = [0, {v}) or equal ignore_index ({ignore_index}); "
-            f"got {bad_t.numel()} bad entries, e.g. {bad_t[:5].tolist()}"
+            f"got {where.numel()} bad entries, e.g. {t[where[:5]].tolist()}; the first is "
+            f"targets[{int(where[0])}] (token {int(where[0])})"
         )
-    if seq_index is not None and bad[1]:
+    if bad.get("seq_index"):
         s = seq_index.long()
-        bad_s = s[(s < 0) | (s >= num_seqs)]
+        where = torch.nonzero((s < 0) | (s >= num_seqs)).flatten()
         raise ValueError(
-            f"seq_index must be in [0, num_seqs) = [0, {num_seqs}); got {bad_s.numel()} bad "
-            f"entries, e.g. {bad_s[:5].tolist()}"
+            f"seq_index must be in [0, num_seqs) = [0, {num_seqs}); got {where.numel()} bad "
+            f"entries, e.g. {s[where[:5]].tolist()}; the first is seq_index[{int(where[0])}] "
+            f"(token {int(where[0])})"
         )
-    if token_weights is not None:
-        if bad[-2]:
-            raise ValueError("token_weights contain NaN or inf")
-        if bad[-1]:
-            neg = token_weights[token_weights < 0]
-            raise ValueError(
-                f"token_weights must be >= 0; got {neg.numel()} negative entries, "
-                f"e.g. {neg[:5].tolist()}"
-            )
+    if bad.get("token_weights_finite"):
+        where = torch.nonzero(~torch.isfinite(token_weights)).flatten()
+        i = int(where[0])
+        raise ValueError(
+            f"token_weights contain NaN or inf: {where.numel()} bad entries; the first is "
+            f"token_weights[{i}] (token {i}) = {float(token_weights[i])}"
+        )
+    if bad.get("token_weights_sign"):
+        neg = token_weights[token_weights < 0]
+        i = int(torch.nonzero(token_weights < 0)[0, 0])
+        raise ValueError(
+            f"token_weights must be >= 0; got {neg.numel()} negative entries, "
+            f"e.g. {neg[:5].tolist()}; the first is token_weights[{i}] (token {i})"
+        )
+    if bad.get("hidden"):
+        rows = torch.nonzero(_rows_not_finite(hidden) & counted).flatten()
+        i = int(rows[0])
+        seq = "" if seq_index is None else f", sequence {int(seq_index[i])}"
+        raise ValueError(
+            f"hidden[{i}] (token {i}{seq}, target {int(t[i])}) is not finite: "
+            f"{_first_bad(hidden[i])}; {rows.numel()} counted token(s) have a non-finite hidden "
+            f"state. With check_values=False such a token gets non-finite outputs and so does "
+            f"its sequence's feature, and nothing else"
+        )
+    if bad["weight"]:
+        i = _first_bad_row(weight)
+        raise ValueError(
+            f"weight[{i}] (vocabulary row {i}) is not finite: {_first_bad(weight[i])}; every "
+            f"token's outputs would be non-finite"
+        )
+    if bad.get("bias"):
+        i = int(torch.nonzero(~torch.isfinite(bias))[0, 0])
+        raise ValueError(
+            f"bias[{i}] (vocabulary entry {i}) is not finite: {float(bias[i])}; every token's "
+            f"outputs would be non-finite (to mask a vocabulary entry use a large negative "
+            f"finite bias)"
+        )
+
+
+def _not_finite(minmax) -> torch.Tensor:
+    lo, hi = minmax
+    return ~(torch.isfinite(lo) & torch.isfinite(hi)).all()
+
+
+def _rows_not_finite(x: torch.Tensor) -> torch.Tensor:
+    """(R,) bool: rows of x (R, C) with a NaN or inf, from the row-wise min and max."""
+    lo, hi = torch.aminmax(x, dim=1)
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _first_bad_row(x: torch.Tensor) -> int:
+    for r0 in range(0, x.shape[0], _SCAN_ROWS):
+        rows = torch.nonzero(_rows_not_finite(x[r0:r0 + _SCAN_ROWS])).flatten()
+        if rows.numel():
+            return r0 + int(rows[0])
+    raise AssertionError("no non-finite row found")  # pragma: no cover
+
+
+def _first_bad(row: torch.Tensor) -> str:
+    """'NaN at column 5' (the first non-finite element of a 1-D tensor)."""
+    col = int(torch.nonzero(~torch.isfinite(row))[0, 0])
+    value = float(row[col])
+    name = "NaN" if math.isnan(value) else ("+inf" if value > 0 else "-inf")
+    return f"{name} at column {col}"
 
 
 def normalised_token_weights(

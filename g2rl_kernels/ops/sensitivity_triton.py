@@ -148,7 +148,9 @@ def _pool_kernel(
     offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     row_ok = offs_n < N
     a = tl.load(a_ptr + offs_n, mask=row_ok, other=0.0)  # 0 for ignored tokens
-    valid = row_ok & (a > 0)
+    # a token counts in its sequence iff a~ != 0 (as on the CPU path): a non-finite p row or
+    # a~ (bad input with check_values=False) then makes that sequence's feature NaN, and only it
+    valid = row_ok & (a != 0)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
         y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)

@@ -36,14 +36,15 @@ def sensitivity(
 ) -> SensitivityOutput:
     """Reference of :func:`g2rl_kernels.sensitivity`, written out as the spec states it.
 
-    Args: as :func:`g2rl_kernels.sensitivity`; hidden (N, d) and weight (V, d) of any one float
-    dtype, which is also the compute and output dtype.
+    Args: as :func:`g2rl_kernels.sensitivity` (the same argument rules and value checks, always
+    on); hidden (N, d) and weight (V, d) of any one float dtype, which is also the compute and
+    output dtype; bias (V,) of that dtype or float32.
 
     Returns:
         :class:`SensitivityOutput`: logprobs (N,), entropy (N,), lse (N,), seq_features
         (num_seqs, d) or None, token_features (N, d) or None.
     """
-    num_seqs = validate_sensitivity_args(
+    num_seqs, temperature, ignore_index = validate_sensitivity_args(
         hidden, weight, targets, seq_index=seq_index, num_seqs=num_seqs,
         token_weights=token_weights, bias=bias, temperature=temperature,
         ignore_index=ignore_index, reference=True,
