@@ -103,7 +103,12 @@ def test_default_eos_from_generation_config(tok, model):
     assert HFRollout(model, tok, max_new_tokens=2).eos_token_ids == [1, 2]
     model.generation_config.eos_token_id = 2
     try:
-        assert HFRollout(model, tok, max_new_tokens=2).eos_token_ids == [2]
+        # the union (issue 8): generation config first, then model config, then tokenizer
+        ids = HFRollout(model, tok, max_new_tokens=2).eos_token_ids
+        cfg_eos = model.config.eos_token_id
+        cfg_eos = cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]
+        extra = {*cfg_eos, tok.eos_token_id} - {None, 2}
+        assert ids[0] == 2 and set(ids) == {2} | extra and len(ids) == len(set(ids))
     finally:
         model.generation_config.eos_token_id = [1, 2]
 
