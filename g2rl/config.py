@@ -68,11 +68,18 @@ class TrainConfig:
     reward: str = _opt("auto", "reward: builtin (the built-in task's rule) or math (math-verify "
                                "on the last \\boxed{}); auto: builtin for --data builtin",
                        type=str, choices=REWARDS, group="model and data")
+    reward_timeout: float = _opt(2.0, "--reward math: CPU seconds one answer may take to "
+                                      "verify (a worker silent for 3x that + 1 s of wall-clock "
+                                      "time is killed); a slower one scores -1", type=float,
+                                 group="model and data")
+    reward_workers: int = _opt(0, "--reward math: processes that verify answers (0: "
+                                  "min(4, CPUs))", type=int, group="model and data")
     system_prompt: str | None = _opt(None, "system prompt (default: the paper's with "
                                            "--reward math, none for builtin)", type=str,
                                      group="model and data")
     # rollouts
-    rollout: str = _opt("auto", "rollout engine (auto: vllm when installed and on CUDA, else hf)",
+    rollout: str = _opt("auto", "rollout engine (auto: vllm when installed and on CUDA, or with "
+                                "vLLM's CPU build when --max-new-tokens >= 64; else hf)",
                         type=str, choices=ROLLOUTS, group="rollouts")
     max_new_tokens: int = _opt(12, "maximum response length in tokens", type=int,
                                group="rollouts")
@@ -84,6 +91,16 @@ class TrainConfig:
                                               group="rollouts")
     vllm_sleep: bool = _opt(False, "put vLLM to sleep during the update (frees its GPU memory)",
                             type=bool, group="rollouts")
+    vllm_kv_cache_gib: float = _opt(0.0, "vLLM KV-cache size in GiB (0: auto; on the CPU room "
+                                         "for 256 full-length sequences, at most 2 GiB; on "
+                                         "CUDA from --vllm-gpu-memory-utilization)",
+                                    type=float, group="rollouts")
+    vllm_max_model_len: int = _opt(0, "vLLM longest prompt + response in tokens (0: the "
+                                      "model's maximum; lower it to shrink the KV cache)",
+                                   type=int, group="rollouts")
+    tis_cap: float = _opt(0.0, "truncated importance sampling: weight each token's policy "
+                               "loss by min(exp(old_logp - vllm_logp), C) with C this value "
+                               "(0: off; needs --rollout vllm)", type=float, group="rollouts")
     # RL
     method: str = _opt("g2rl", "advantages: g2rl (novelty-shaped GRPO), grpo, entropy (GRPO "
                                "plus an entropy bonus), or embedding (the g2rl chain on an "
@@ -131,11 +148,14 @@ class TrainConfig:
     semantic_geometry: bool = _opt(True, "log the semantic geometry (embedding cosines) when "
                                          "an embedding model is available", type=bool,
                                    group="RL")
+    semantic_every: int = _opt(10, "log the semantic geometry every this many steps (every "
+                                   "step with --method embedding, which needs the embeddings "
+                                   "anyway)", type=int, group="RL")
     collapse_window: int = _opt(20, "steps averaged by the collapse warning", type=int,
                                 group="RL")
-    collapse_cosine: float = _opt(0.6, "collapse warning: mean feature cosine within groups "
+    collapse_cosine: float = _opt(0.5, "collapse warning: mean feature cosine within groups "
                                        "above this", type=float, group="RL")
-    collapse_distinct: float = _opt(1.5, "collapse warning: or at most this many distinct "
+    collapse_distinct: float = _opt(2.0, "collapse warning: or at most this many distinct "
                                          "responses per group", type=float, group="RL")
     adv_eps: float = _opt(1e-6, "epsilon of the group standardisation", type=float, group="RL")
     scale_advantages: bool = _opt(True, "divide advantages by the group std", type=bool,
@@ -203,15 +223,16 @@ class TrainConfig:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mini_batches",
                     "ppo_epochs", "micro_batch_size", "sft_batch_size", "eval_n",
                     "eval_batch_size", "save_every", "keep_checkpoints", "train_problems",
-                    "collapse_window")
+                    "collapse_window", "semantic_every")
         for name in positive:
             if getattr(self, name) < 1:
                 _fail(name, "must be >= 1", getattr(self, name))
-        for name in ("lr", "sft_lr", "temperature"):
+        for name in ("lr", "sft_lr", "temperature", "reward_timeout"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", getattr(self, name))
         for name in ("weight_decay", "grad_clip", "kl_coef", "entropy_coef", "eps_low",
                      "novelty_span_floor", "novelty_std_floor", "collapse_distinct",
+                     "reward_workers",
                      "eps_high", "adv_eps", "eval_temperature", "threads", "eval_problems",
                      "top_k"):
             if getattr(self, name) < 0:
@@ -233,6 +254,12 @@ class TrainConfig:
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             _fail("vllm_gpu_memory_utilization", "must be in (0, 1]",
                   self.vllm_gpu_memory_utilization)
+        for name in ("vllm_kv_cache_gib", "vllm_max_model_len", "tis_cap"):
+            if getattr(self, name) < 0:
+                _fail(name, "must be >= 0", getattr(self, name))
+        if self.tis_cap > 0 and self.rollout == "hf":
+            _fail("tis_cap", "needs the rollout engine's log-probs: use --rollout vllm",
+                  self.tis_cap)
         if self.group_size < 2 and self.method in METHODS:
             _fail("group_size", f"must be >= 2 with --method {self.method} (advantages are "
                                 "relative to the group)", self.group_size)

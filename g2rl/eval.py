@@ -81,6 +81,8 @@ def evaluate(
         )
     from tqdm.auto import tqdm
 
+    from g2rl.rewards import score_batch  # math: worker processes, guards, time limits
+
     per_call = max(1, batch_size // n)
     correct: list[list[bool]] = []
     answers: list[list[str | None]] = []
@@ -100,12 +102,14 @@ def evaluate(
             if embed_fn is not None and n > 1:
                 semantic_pairs.add_features(
                     embed_fn(list(batch.texts)).reshape(len(chunk), n, -1))
+            scored = score_batch(reward_fn, batch.texts,
+                                 [ex.answer for ex in chunk for _ in range(n)]).rewards
             for j, ex in enumerate(chunk):
                 row_ok: list[bool] = []
                 row_ans: list[str | None] = []
                 for s in range(j * n, (j + 1) * n):
                     text = batch.texts[s]
-                    r = float(reward_fn(text, ex.answer))
+                    r = scored[s]
                     ans = answer_fn(text)
                     row_ok.append(r > 0)
                     row_ans.append(ans)

@@ -8,6 +8,7 @@ of a mini-batch are the gradient of the mini-batch's token mean.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,33 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
+def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float
+                ) -> torch.Tensor:
+    """Truncated importance-sampling weights ``min(exp(old_logp - rollout_logp), cap)``.
+
+    The responses were sampled by the rollout engine (pi_rollout, e.g. vLLM in bf16), while
+    the clipped surrogate's ratio is taken against the trainer's old policy (pi_old, the same
+    weights in the trainer's numerics). Weighting each token's policy-gradient loss by
+    pi_old / pi_rollout corrects the difference; the cap bounds the variance (the truncation).
+
+    Args:
+        old_logp: (M,) the trainer's log-probs of the sampled tokens (no grad).
+        rollout_logp: (M,) the engine's log-probs of the same tokens.
+        cap: C > 0.
+
+    Returns:
+        (M,) weights in (0, cap], float32 (or the inputs' dtype if wider), no grad.
+    """
+    if old_logp.shape != rollout_logp.shape or old_logp.dim() != 1:
+        raise ValueError(f"old_logp and rollout_logp must be 1-D of one length, got "
+                         f"{tuple(old_logp.shape)} and {tuple(rollout_logp.shape)}")
+    if not cap > 0 or not math.isfinite(cap):
+        raise ValueError(f"cap must be a finite number > 0, got {cap}")
+    dtype = torch.promote_types(old_logp.dtype, torch.float32)
+    delta = (old_logp.detach().to(dtype) - rollout_logp.detach().to(dtype)).clamp(-20.0, 20.0)
+    return torch.exp(delta).clamp(max=cap)
+
+
 @dataclass
 class LossStats:
     """Sums over tokens (divide by the token count for means)."""
@@ -35,9 +63,12 @@ class LossStats:
     clipped: float = 0.0
     ratio: float = 0.0
     tokens: int = 0
+    tis_weight: float = 0.0  # sum of the truncated importance-sampling weights (0 when off)
+    tis_capped: float = 0.0  # tokens whose weight hit the cap
 
     def add(self, other: LossStats) -> None:
-        for name in ("loss", "pg_loss", "kl", "entropy", "clipped", "ratio", "tokens"):
+        for name in ("loss", "pg_loss", "kl", "entropy", "clipped", "ratio", "tokens",
+                     "tis_weight", "tis_capped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -53,13 +84,17 @@ def policy_loss(
     kl_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    rollout_logp: torch.Tensor | None = None,
+    tis_cap: float = 0.0,
 ) -> tuple[torch.Tensor, LossStats]:
     """Clipped surrogate over M response tokens, normalised by ``num_tokens``.
 
-    per-token loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+    per-token loss = -w * min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
                      + kl_coef * k3(logp, ref_logp) - entropy_coef * H
 
-    with rho = exp(logp - old_logp).
+    with rho = exp(logp - old_logp) and w = 1, or with ``tis_cap`` C > 0 the truncated
+    importance-sampling weight w = min(exp(old_logp - rollout_logp), C) (:func:`tis_weights`,
+    no gradient; as TRL's ``vllm_importance_sampling_correction`` and verl's TIS).
 
     Args:
         logp: (M,) log-probs with autograd.
@@ -69,6 +104,9 @@ def policy_loss(
             ``sum(per-token loss) / num_tokens``.
         ref_logp: (M,) reference log-probs, needed when ``kl_coef > 0``.
         entropy: (M,) token entropies with autograd, needed when ``entropy_coef > 0``.
+        rollout_logp: (M,) the rollout engine's log-probs of the tokens, needed when
+            ``tis_cap > 0``.
+        tis_cap: the cap C of the truncated importance-sampling correction (0: off).
 
     Returns:
         (loss scalar, :class:`LossStats` of token sums for logging).
@@ -80,6 +118,13 @@ def policy_loss(
         )
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    if tis_cap < 0:
+        raise ValueError(f"tis_cap must be >= 0, got {tis_cap}")
+    weights = None
+    if tis_cap > 0:
+        if rollout_logp is None:
+            raise ValueError("tis_cap > 0 needs rollout_logp (the rollout engine's log-probs)")
+        weights = tis_weights(old_logp, rollout_logp, tis_cap).to(logp.dtype)
     old_logp = old_logp.detach().to(logp.dtype)
     advantages = advantages.detach().to(logp.dtype)
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
@@ -87,6 +132,8 @@ def policy_loss(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
     pg = -torch.minimum(unclipped, clipped)
+    if weights is not None:
+        pg = weights * pg
     per_token = pg
     kl = None
     if kl_coef > 0:
@@ -111,6 +158,8 @@ def policy_loss(
             clipped=float(is_clipped.sum()),
             ratio=float(ratio.sum()),
             tokens=int(logp.numel()),
+            tis_weight=float(weights.sum()) if weights is not None else 0.0,
+            tis_capped=float((weights >= tis_cap).sum()) if weights is not None else 0.0,
         )
     return loss, stats
 

@@ -5,16 +5,21 @@ RL step), ``checkpoints/`` (see :mod:`g2rl.checkpoint`), ``reference/`` (the fro
 reference, when it is not the starting model), ``eval_summary.json`` (held-out pass@1 / pass@k
 / maj@k before SFT, at the start of RL and at the end) and ``training.png``.
 
-Exit codes: 0 done, 1 non-finite loss (the last good checkpoint is kept), 2 bad option or
-input, 130 interrupted (a checkpoint was saved).
+Exit codes: 0 done; 1 stopped on an error it explains (a non-finite loss, a checkpoint that
+could not be written, e.g. on a full disk, or none left to resume from; the last good
+checkpoint is kept); 2 bad option or input; 3 the run directory is in use by another process
+(nothing was touched); 130 interrupted by Ctrl-C, 143 by SIGTERM (the step in progress was
+finished and a checkpoint saved, unless a second Ctrl-C aborted; continue with ``--resume``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -200,7 +205,49 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 # ---------------------------------------------------------------------- the run
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training as configured; returns the evaluation summary."""
+    """Run training as configured; returns the evaluation summary. The run directory is locked
+    for the whole run (:mod:`g2rl.run_lock`): a second process gets
+    :class:`~g2rl.run_lock.RunLockedError` and changes nothing."""
+    from g2rl.run_lock import RunLock, check_free
+    from g2rl.trainer import Interrupted
+
+    try:
+        run_dir = resolve_run_dir(cfg)
+    except RunError:
+        if cfg.output_dir:  # "in use by PID ..." says more than "holds checkpoints"
+            check_free(Path(cfg.output_dir).expanduser())
+        raise
+    with RunLock(run_dir):
+        if cfg.output_dir and not cfg.resume:
+            resolve_run_dir(cfg)  # again under the lock: no checkpoint appeared meanwhile
+        try:
+            return _run(cfg, run_dir)
+        except Interrupted as exc:
+            report_interrupt(exc, run_dir)
+            raise
+
+
+def report_interrupt(exc: Any, run_dir: Path) -> None:
+    """Print what an interruption (:class:`~g2rl.trainer.Interrupted`) left and how to go on."""
+    from g2rl.checkpoint import latest_checkpoint
+
+    name = "Ctrl-C" if exc.signum == signal.SIGINT else signal.Signals(exc.signum).name
+    last = latest_checkpoint(run_dir / "checkpoints")
+    again = f"continue with: python -m g2rl.train --resume --output-dir {run_dir}"
+    if last is None:
+        msg = (f"interrupted by {name} before the first checkpoint (during the SFT warm-start "
+               "or the first evaluation): nothing to resume; run the same command again, "
+               "without --resume")
+    elif exc.saved:
+        msg = f"interrupted by {name}: checkpoint saved at step {int(last.name[5:])}; {again}"
+    else:
+        msg = (f"interrupted by {name}; the last complete checkpoint is {last.name}; {again}")
+    print(f"python -m g2rl.train: {msg} (exit code {exc.exit_code})", file=sys.stderr,
+          flush=True)
+
+
+def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """The run itself, in the locked ``run_dir``."""
     import torch
     from tqdm.auto import tqdm
 
@@ -211,7 +258,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from g2rl.rewards import MATH_SYSTEM_PROMPT
     from g2rl.rollout import make_rollout
     from g2rl.sft import run_sft
-    from g2rl.trainer import StopRequested, Trainer, rollout_features
+    from g2rl.trainer import Interrupted, StopRequested, Trainer, rollout_features
 
     t_start = time.perf_counter()
     _quiet_transformers()
@@ -220,7 +267,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if threads > 0:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
-    run_dir = resolve_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
     latest = ck.latest_checkpoint(ckpt_dir) if cfg.resume else None
     if cfg.resume and latest is None:
@@ -302,8 +348,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             top_k=cfg.top_k, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             enable_sleep_mode=cfg.vllm_sleep, seed=cfg.seed,
+            kv_cache_gib=cfg.vllm_kv_cache_gib or None,
+            max_model_len=cfg.vllm_max_model_len or None,
         )
-        rollout = make_rollout(cfg.rollout, model, tokenizer, **rollout_kw)
+        try:  # the vLLM rollout keeps the thread count set above (see g2rl.rollout.vllm)
+            rollout = make_rollout(cfg.rollout, model, tokenizer, **rollout_kw)
+        except (ImportError, ValueError) as exc:
+            raise RunError(f"--rollout {cfg.rollout}: {exc}") from exc
+        if cfg.tis_cap > 0 and not hasattr(rollout, "with_logprobs"):
+            raise RunError(f"--tis-cap needs the vLLM rollout's log-probs, but --rollout "
+                           f"{cfg.rollout} gave {type(rollout).__name__}; use --rollout vllm")
         trainer = Trainer(cfg, model, tokenizer, train_examples, reward_fn, rollout,
                           ref_model=ref_model, system_prompt=system_prompt, embedder=embedder)
         metrics_path = run_dir / "metrics.jsonl"
@@ -312,7 +366,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                keep=cfg.keep_checkpoints)
             metrics_path.unlink(missing_ok=True)
         else:
-            state = ck.load_checkpoint(latest, model, trainer.optimizer)
+            latest, state = ck.load_latest(ckpt_dir, model, trainer.optimizer, say=say)
             trainer.load_state(state)
             rollout.sync_weights(model)
             truncate_metrics(metrics_path, trainer.step_count)
@@ -353,9 +407,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             ck.save_checkpoint(ckpt_dir, trainer.step_count, model, tokenizer,
                                trainer.optimizer, trainer.state(), keep=cfg.keep_checkpoints)
         if stop():
-            say(f"interrupted: checkpoint saved at step {trainer.step_count}; continue with "
-                f"python -m g2rl.train --resume --output-dir {run_dir}")
-            raise KeyboardInterrupt
+            raise Interrupted(stop.signum, saved=True)  # run() reports it
 
     do_eval("end", f"end of RL (step {trainer.step_count})")
     final = ck.latest_checkpoint(ckpt_dir)
@@ -382,10 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m g2rl.train: error: {exc}", file=sys.stderr)
         return 2
+    from g2rl.checkpoint import CheckpointError
+    from g2rl.run_lock import RunLockedError
     from g2rl.sft import NonFiniteLossError
 
+    previous = _terminate_on_sigterm()  # outside the RL loop SIGTERM stops at once
     try:
         run(cfg)
+    except RunLockedError as exc:
+        print(f"python -m g2rl.train: error: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, RunError) as exc:
         print(f"python -m g2rl.train: error: {exc}", file=sys.stderr)
         return 2
@@ -393,9 +451,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m g2rl.train: stopped: {exc}. The last good checkpoint is kept; "
               "lower --lr or check the data.", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except CheckpointError as exc:
+        print(f"python -m g2rl.train: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        print(f"python -m g2rl.train: error: {exc} (the disk is full or a file-size limit was "
+              "reached). The last complete checkpoint is kept; fix the cause, then continue "
+              "with --resume.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        return getattr(exc, "exit_code", 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate_on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`~g2rl.trainer.Interrupted` (exit code 143, the lock and files
+    released cleanly); the RL loop replaces this with finish-the-step-and-save. Returns the
+    previous handler (None outside the main thread)."""
+    from g2rl.trainer import Interrupted
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from g2rl.config import TrainConfig
 from g2rl.data import Example, encode_prompt
 from g2rl.geometry import PairStats, distinct_per_group, group_cosine
 from g2rl.loss import LossStats, policy_loss, token_logprobs
-from g2rl.rollout import RolloutBatch
+from g2rl.rollout import RolloutBatch, logprob_mismatch, rollout_logprobs
 from g2rl.sft import NonFiniteLossError
 
 #: Test hook: SIGKILL the process in the middle of this RL step (after its update, before its
@@ -155,13 +155,52 @@ def advantages_for(method: str, features: torch.Tensor, rewards: torch.Tensor, *
     ``g2rl`` (features: the policy's gradient features) and ``embedding`` (features: an external
     sentence embedding): novelty-shaped rewards, standardised in the group. ``grpo`` and
     ``entropy``: lambda = 0 and no clip, so the shaped reward is the reward itself: plain GRPO
-    standardisation; the novelty is still computed (for logging).
+    standardisation; the novelty is still computed (for logging). NaN rewards: see
+    :func:`group_novelty_skip_nan`.
     """
     shaped = method in ("g2rl", "embedding")
-    return g2rl_kernels.group_novelty(
+    return group_novelty_skip_nan(
         features.float(), rewards.float(), lam=lam if shaped else 0.0,
         clip=clip if shaped else None, mode=mode, eps=eps, scale_advantages=scale,
         span_floor=span_floor, std_floor=std_floor, uniform_groups=uniform_groups)
+
+
+def _reward_value(x: float | None) -> float:
+    """A reward function's output as a float; None (could not be scored) becomes NaN."""
+    return float("nan") if x is None else float(x)
+
+
+def _nanstd(x: torch.Tensor) -> float:
+    """Standard deviation (n - 1) of the non-NaN entries of ``x``; 0 with fewer than two."""
+    x = x[~torch.isnan(x)]
+    return float(x.std()) if x.numel() > 1 else 0.0
+
+
+def group_novelty_skip_nan(features: torch.Tensor, rewards: torch.Tensor,
+                           **kwargs: Any) -> g2rl_kernels.NoveltyOutput:
+    """``g2rl_kernels.group_novelty`` where a NaN reward (an answer that could not be scored)
+    is handled as TRL does: the response is left out of its group (its mean, std, novelty peers
+    and cosines) and gets advantage 0, shaped reward 0, novelty 0 and zero cosines.
+
+    features (B, G, d), rewards (B, G); groups without NaN go through one batched call, each
+    group with a NaN is recomputed on its scored responses only.
+    """
+    bad = torch.isnan(rewards)
+    if not bool(bad.any()):
+        return g2rl_kernels.group_novelty(features, rewards, **kwargs)
+    out = g2rl_kernels.group_novelty(features, rewards.masked_fill(bad, 0.0), **kwargs)
+    cos, nov, shaped, adv = (t.clone() for t in out)
+    for b in bad.any(dim=1).nonzero().flatten().tolist():
+        keep = (~bad[b]).nonzero().flatten()
+        cos[b], nov[b], shaped[b], adv[b] = 0.0, 0.0, 0.0, 0.0
+        if keep.numel():
+            sub = g2rl_kernels.group_novelty(features[b, keep][None], rewards[b, keep][None],
+                                             **kwargs)
+            cos[b, keep[:, None], keep[None, :]] = sub.cosine[0]
+            nov[b, keep], shaped[b, keep], adv[b, keep] = (sub.novelty[0],
+                                                           sub.shaped_rewards[0],
+                                                           sub.advantages[0])
+    return g2rl_kernels.NoveltyOutput(cos, nov, shaped, adv)
 
 
 def geometry_metrics(nov: g2rl_kernels.NoveltyOutput, rewards: torch.Tensor,
@@ -190,34 +229,67 @@ def geometry_metrics(nov: g2rl_kernels.NoveltyOutput, rewards: torch.Tensor,
     return out
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM. ``exit_code`` is 128 + the signal number (130 for
+    Ctrl-C, 143 for SIGTERM); ``saved`` tells whether a checkpoint of the last completed step
+    was written on the way out."""
+
+    def __init__(self, signum: int, *, saved: bool = False) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        self.saved = saved
+
+
 class StopRequested:
-    """SIGINT handler: the first Ctrl-C asks the loop to stop after the current step (and save);
-    a second one raises ``KeyboardInterrupt`` at once."""
+    """SIGINT / SIGTERM handler: the first Ctrl-C or SIGTERM asks the loop to stop after the
+    current step (and save); a second Ctrl-C raises :class:`Interrupted` at once, a second
+    SIGTERM is ignored (schedulers follow SIGTERM with SIGKILL, not with another SIGTERM;
+    a repeated one must not abort the save). A ``KeyboardInterrupt`` raised inside the block
+    after a request (e.g. by the SFT warm-start) leaves it as :class:`Interrupted`."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+        if (self.signum is not None and isinstance(exc, KeyboardInterrupt)
+                and not isinstance(exc, Interrupted)):
+            raise Interrupted(self.signum) from exc
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing the current step and saving a checkpoint "
+            if signum == signal.SIGINT:
+                raise Interrupted(signal.SIGINT)
+            print(f"\n{name} again: still finishing the current step (SIGKILL aborts)",
+                  flush=True)
+            return
+        self.requested, self.signum = True, signum
+        print(f"\n{name}: finishing the current step and saving a checkpoint "
               "(Ctrl-C again to abort)", flush=True)
 
     def __call__(self) -> bool:
         return self.requested
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the first signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + (self.signum or signal.SIGINT)
 
 
 class Trainer:
@@ -302,13 +374,22 @@ class Trainer:
             self.rollout.sleep()
         t_roll = time.perf_counter()
         answers = [self.examples[i].answer for i in idx for _ in range(cfg.group_size)]
-        rewards = torch.tensor([float(self.reward_fn(t, a)) for t, a in zip(roll.texts, answers,
-                                                                            strict=True)])
+        from g2rl.rewards import score_batch  # math: worker processes, guards, time limits
+
+        scores = score_batch(self.reward_fn, roll.texts, answers, timeout_s=cfg.reward_timeout,
+                             workers=cfg.reward_workers or None)
+        rewards = torch.tensor([_reward_value(r) for r in scores.rewards])  # NaN: unscored
         t_reward = time.perf_counter()
 
         batch = pack(roll.prompt_ids, roll.response_ids, self.pad_id, self.device)
         self.model.eval()
         old = sensitivity_pass(self.model, batch, cfg.temperature)
+        # Train-inference mismatch: the engine's log-probs of the sampled tokens (vLLM) vs ours.
+        rollout_logp = rollout_logprobs(roll, self.device)
+        mismatch = logprob_mismatch(rollout_logp, old.logprobs)
+        if cfg.tis_cap > 0 and rollout_logp is None:
+            raise RuntimeError("--tis-cap needs the rollout engine's log-probs; this rollout "
+                               f"({type(self.rollout).__name__}) gives none: use --rollout vllm")
         ref_logp = None
         if cfg.kl_coef > 0 and self.ref_model is not None:
             ref_logp = sensitivity_pass(self.ref_model, batch, cfg.temperature,
@@ -316,7 +397,8 @@ class Trainer:
         b, g = len(idx), cfg.group_size
         features = old.seq_features.view(b, g, -1)
         semantic = None
-        if self.embedder is not None:
+        if self.embedder is not None and (cfg.method == "embedding"
+                                          or step % cfg.semantic_every == 0):
             semantic = self.embedder.embed(list(roll.texts)).to(self.device).view(b, g, -1)
         novelty_from = "semantic" if cfg.method == "embedding" else "features"
         group_rewards = rewards.to(self.device).view(b, g)
@@ -329,7 +411,8 @@ class Trainer:
         t_old = time.perf_counter()
 
         stats, grad_norms = self.update(batch, old.logprobs, ref_logp,
-                                        nov.advantages.reshape(-1), step)
+                                        nov.advantages.reshape(-1), step,
+                                        rollout_logp=rollout_logp)
         if sleeping:
             self.rollout.wake_up()
         self.rollout.sync_weights(self.model)
@@ -342,8 +425,8 @@ class Trainer:
         tokens = max(1, stats.tokens)
         return {
             "step": step,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "reward_mean": float(rewards.nanmean()),  # unscorable (NaN) rewards left out
+            "reward_std": _nanstd(rewards),
             "accuracy": float((rewards > 0).float().mean()),
             "shaped_reward_mean": float(nov.shaped_rewards.mean()),
             "novelty_mean": float(nov.novelty.mean()),
@@ -359,7 +442,11 @@ class Trainer:
             "response_len": float(lengths.mean()),
             "truncated_frac": sum(roll.truncated) / len(roll.truncated),
             "tokens": batch.num_tokens,
+            **mismatch,
+            **({"tis_weight_mean": stats.tis_weight / tokens,
+                "tis_capped_frac": stats.tis_capped / tokens} if cfg.tis_cap > 0 else {}),
             "time_rollout": t_roll - t0,
+            "reward_unverified": scores.unverified,  # guarded, timed-out or failed answers
             "time_reward": t_reward - t_roll,
             "time_old_pass": t_old - t_reward,
             "time_update": t_end - t_old,
@@ -367,13 +454,16 @@ class Trainer:
         }
 
     def update(self, batch: PackedBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
-               seq_adv: torch.Tensor, step: int) -> tuple[LossStats, list[float]]:
+               seq_adv: torch.Tensor, step: int, *, rollout_logp: torch.Tensor | None = None,
+               ) -> tuple[LossStats, list[float]]:
         """Clipped-surrogate update over ``ppo_epochs`` x ``mini_batches`` optimizer steps.
 
         Args:
             old_logp: (M,) per-token old log-probs (row-major over ``batch.mask``).
             ref_logp: (M,) reference log-probs or None.
             seq_adv: (N,) one advantage per sequence.
+            rollout_logp: (M,) the rollout engine's log-probs of the same tokens; with
+                ``--tis-cap`` they weight the policy loss (truncated importance sampling).
         """
         cfg = self.cfg
         n, width = batch.mask.shape
@@ -384,6 +474,10 @@ class Trainer:
         if ref_logp is not None:
             ref_pad = torch.zeros((n, width), device=self.device)
             ref_pad[batch.mask] = ref_logp.float()
+        roll_pad = None  # the rollout engine's log-probs, for the TIS correction
+        if cfg.tis_cap > 0 and rollout_logp is not None:
+            roll_pad = torch.zeros((n, width), device=self.device)
+            roll_pad[batch.mask] = rollout_logp.float().to(self.device)
         adv_pad = seq_adv.float().to(self.device)[:, None].expand(n, width)
         weight, bias = lm_head(self.model)
         ent_coef = cfg.entropy_coef if cfg.method == "entropy" else 0.0
@@ -413,6 +507,8 @@ class Trainer:
                         ref_logp=None if ref_pad is None else ref_pad[rows, :w][sub.mask],
                         kl_coef=cfg.kl_coef if ref_pad is not None else 0.0,
                         entropy=ent, entropy_coef=ent_coef,
+                        rollout_logp=None if roll_pad is None else roll_pad[rows, :w][sub.mask],
+                        tis_cap=cfg.tis_cap if roll_pad is not None else 0.0,
                     )
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(f"RL step {step}: the loss is {loss.item()}")

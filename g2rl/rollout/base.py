@@ -15,6 +15,8 @@ __all__ = [
     "cut_at_eos",
     "build_batch",
     "generation_eos_ids",
+    "rollout_logprobs",
+    "logprob_mismatch",
 ]
 
 
@@ -32,6 +34,9 @@ class RolloutBatch:
         truncated: ``N`` flags: no EOS within the token budget.
         texts: ``N`` decoded responses (special tokens skipped).
         n: samples per prompt.
+        logprobs: ``None``, or ``N`` lists of the engine's log-probs of the sampled tokens, one
+            per response token (as the engine computed them while sampling: after the
+            temperature, top-k and top-p). Only the vLLM rollout fills it.
     """
 
     prompt_ids: list[list[int]]
@@ -40,6 +45,7 @@ class RolloutBatch:
     texts: list[str]
     n: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         sizes = {len(self.prompt_ids), len(self.response_ids), len(self.truncated), len(self.texts)}
@@ -47,6 +53,12 @@ class RolloutBatch:
             raise ValueError(f"RolloutBatch fields have different lengths: {sorted(sizes)}")
         if self.n < 1 or len(self.prompt_ids) % self.n:
             raise ValueError(f"{len(self.prompt_ids)} samples is not a multiple of n={self.n}")
+        if self.logprobs is not None:
+            bad = [i for i, (lp, r) in enumerate(zip(self.logprobs, self.response_ids,
+                                                     strict=False)) if len(lp) != len(r)]
+            if len(self.logprobs) != len(self.response_ids) or bad:
+                raise ValueError("RolloutBatch.logprobs must hold one log-prob per response "
+                                 f"token (first bad sample: {bad[0] if bad else 'count'})")
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -110,6 +122,7 @@ def build_batch(
     n: int,
     eos_ids: Sequence[int],
     decode: Callable[[list[int]], str],
+    logprobs: Sequence[Sequence[float]] | None = None,
 ) -> RolloutBatch:
     """Assemble a :class:`RolloutBatch` from raw generated ids (plain data, any engine).
 
@@ -120,37 +133,76 @@ def build_batch(
         n: samples per prompt.
         eos_ids: ids that end a response.
         decode: ids -> text (special tokens skipped).
+        logprobs: optional ``P * n`` lists of the sampled tokens' log-probs, one per generated
+            id; cut together with the ids.
     """
     if len(completions) != len(prompts) * n:
         raise ValueError(f"expected {len(prompts)} x {n} completions, got {len(completions)}")
+    if logprobs is not None and len(logprobs) != len(completions):
+        raise ValueError(f"expected {len(completions)} log-prob lists, got {len(logprobs)}")
     eos = set(int(e) for e in eos_ids)
     prompt_ids: list[list[int]] = []
     response_ids: list[list[int]] = []
     truncated: list[bool] = []
+    kept_logprobs: list[list[float]] | None = None if logprobs is None else []
     for i, comp in enumerate(completions):
         ids, trunc = cut_at_eos(comp, eos)
         prompt_ids.append([int(t) for t in prompts[i // n]])
         response_ids.append(ids)
         truncated.append(trunc)
+        if kept_logprobs is not None and logprobs is not None:
+            lp = logprobs[i]
+            if len(lp) < len(ids):
+                raise ValueError(f"completion {i}: {len(lp)} log-probs for {len(ids)} tokens")
+            kept_logprobs.append([float(x) for x in lp[: len(ids)]])
     texts = [decode(r) for r in response_ids]
-    return RolloutBatch(prompt_ids, response_ids, truncated, texts, n=n)
+    return RolloutBatch(prompt_ids, response_ids, truncated, texts, n=n, logprobs=kept_logprobs)
 
 
 def generation_eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
-    """EOS ids of the model's generation config (an int or a list), else the tokenizer's."""
+    """The union of the EOS ids of the model's generation config, the model config (each an
+    int or a list) and the tokenizer, in that order, without repeats.
+
+    All three count: a Qwen3 base checkpoint's configs name ``<|endoftext|>`` while its chat
+    template ends a turn with ``<|im_end|>`` (the tokenizer's EOS); TRL takes the union too.
+    """
     ids: list[int] = []
     gen_cfg = getattr(model, "generation_config", None)
     for src in (getattr(gen_cfg, "eos_token_id", None),
-                getattr(getattr(model, "config", None), "eos_token_id", None)):
+                getattr(getattr(model, "config", None), "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None)):
         if src is None:
             continue
         for e in [src] if isinstance(src, int) else list(src):
             if int(e) not in ids:
                 ids.append(int(e))
-        if ids:
-            break
-    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
     if not ids:
         raise ValueError("no EOS token id: set generation_config.eos_token_id or pass eos ids")
     return ids
+
+
+def rollout_logprobs(batch: RolloutBatch, device: torch.device | str | None = None
+                     ) -> torch.Tensor | None:
+    """``(M,)`` float32 engine log-probs of every response token, sample after sample (the
+    row-major order of the trainer's packed response mask), or None when the engine gave
+    none."""
+    if batch.logprobs is None:
+        return None
+    flat = [x for row in batch.logprobs for x in row]
+    return torch.tensor(flat, dtype=torch.float32, device=device)
+
+
+def logprob_mismatch(rollout_logp: torch.Tensor | None, trainer_logp: torch.Tensor
+                     ) -> dict[str, float]:
+    """Train-inference mismatch over the response tokens: the mean and the max of
+    ``|rollout_logp - trainer_logp|`` (both ``(M,)``), as ``logprob_diff_mean`` and
+    ``logprob_diff_max``; an empty dict when the engine gave no log-probs."""
+    if rollout_logp is None:
+        return {}
+    if rollout_logp.shape != trainer_logp.shape:
+        raise ValueError(f"engine log-probs {tuple(rollout_logp.shape)} do not match the "
+                         f"trainer's {tuple(trainer_logp.shape)}")
+    if rollout_logp.numel() == 0:
+        return {"logprob_diff_mean": 0.0, "logprob_diff_max": 0.0}
+    diff = (rollout_logp.to(trainer_logp.device).float() - trainer_logp.float()).abs()
+    return {"logprob_diff_mean": float(diff.mean()), "logprob_diff_max": float(diff.max())}
