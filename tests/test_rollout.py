@@ -1,6 +1,7 @@
 """Response mask, batch assembly and the engine-independent parts of the vLLM rollout."""
 
 import importlib.util
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -246,6 +247,19 @@ def test_torch_companion_conflicts(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA torch: CUDA builds are fine
     versions.update(torchvision="0.28.0+cu130", torchaudio="2.13.0+cu130")
     assert torch_companion_conflicts() == []
+
+
+def test_broken_torchvision_warns_with_the_fix(monkeypatch):
+    import g2rl.rollout as rmod
+
+    monkeypatch.setattr(rmod, "torch_companion_conflicts", lambda: ["torchaudio 2.11.0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rmod._warn_broken_torchvision()  # a torchaudio mismatch alone: no warning
+    monkeypatch.setattr(rmod, "torch_companion_conflicts",
+                        lambda: ["torchvision 0.28.0+cu130", "torchaudio 2.11.0"])
+    with pytest.warns(RuntimeWarning, match="pip uninstall -y torchvision torchaudio"):
+        rmod._warn_broken_torchvision()
 
 
 def test_package_version_text_reads_version_py(tmp_path, monkeypatch):

