@@ -159,6 +159,18 @@ def build_batch(
     return RolloutBatch(prompt_ids, response_ids, truncated, texts, n=n, logprobs=kept_logprobs)
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    """Raise ``ValueError`` naming the first bad sampling option (shared by the engines)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+
 def generation_eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
     """The union of the EOS ids of the model's generation config, the model config (each an
     int or a list) and the tokenizer, in that order, without repeats.

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import RolloutBatch, build_batch, generation_eos_ids
+from .base import RolloutBatch, build_batch, check_sampling, generation_eos_ids
 
 __all__ = ["HFRollout"]
 
@@ -42,14 +42,7 @@ class HFRollout:
         eos_token_ids: Sequence[int] | None = None,
         batch_size: int | None = None,
     ) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from .base import RolloutBatch, build_batch, generation_eos_ids
+from .base import RolloutBatch, build_batch, check_sampling, generation_eos_ids
 
 __all__ = [
     "PINNED_VLLM_VERSION",
@@ -414,14 +414,7 @@ class VLLMRollout:
         enforce_eager: bool | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
         if weight_sync not in WEIGHT_SYNC_MODES:
             raise ValueError(f"weight_sync must be one of {', '.join(WEIGHT_SYNC_MODES)}, got "
                              f"{weight_sync!r}")
