@@ -3,8 +3,11 @@ G2RL sequence features (spec section 1) from hidden states and the LM-head weigh
 materialising the (N, V) logits.
 
 Validates the arguments, normalises the token weights, allocates the float32 outputs and
-dispatches: CUDA tensors -> Triton kernels (``ops/sensitivity_triton.py``), CPU tensors -> the
-chunked PyTorch path (``ops/sensitivity_torch.py``).
+dispatches: CUDA tensors -> ``impl="chunked"`` (default: per token chunk one cuBLAS logits
+GEMM with float32 output and Triton kernels over the chunk, ``ops/sensitivity_chunked_triton.py``)
+or ``impl="fused"`` (two-pass Triton kernels that recompute the logits and keep no logits buffer,
+``ops/sensitivity_triton.py``); CPU tensors -> the chunked PyTorch path
+(``ops/sensitivity_torch.py``).
 
 Conventions:
 
@@ -73,6 +76,7 @@ def sensitivity(
     ignore_index: int = -100,
     return_token_features: bool = False,
     check_values: bool = True,
+    impl: str = "auto",
     _backend: str = "auto",
     _out: SensitivityOutput | None = None,
     _options: dict | None = None,
@@ -101,11 +105,19 @@ def sensitivity(
             hidden (counted tokens), weight and bias; a ValueError names the first bad row (one
             host sync on CUDA). Without it a non-finite hidden row stays in its own token's
             outputs and its own sequence's feature (see the module docstring).
+        impl: the CUDA design: "chunked" (per chunk of tokens one cuBLAS GEMM for the logits
+            into a float32 buffer of at most 1 GiB, then Triton kernels over it: about
+            2 N V d flops at GEMM rate), "fused" (no logits buffer: two Triton passes that
+            recompute the logits, about 4 N V d flops), or "auto" (chunked; fused where this
+            torch lacks ``torch.mm(..., out_dtype=)`` for 16-bit inputs). On CPU tensors
+            "auto" and "chunked" run the chunked PyTorch path; "fused" needs CUDA (or the
+            interpreter with ``_backend="triton"``).
         _backend: testing hook: "auto" (CUDA -> Triton, CPU -> torch), "torch" or "triton"
             (on CPU tensors only with TRITON_INTERPRET=1).
         _out: testing hook: preallocated float32 outputs to write into (e.g. NaN-poisoned).
-        _options: testing hook: ``chunk_size`` and ``vocab_chunk`` (torch path) or
-            ``num_splits`` and ``blocks`` (Triton path).
+        _options: testing hook: ``chunk_size`` and ``vocab_chunk`` (torch path),
+            ``num_splits`` and ``blocks`` (fused Triton path), ``chunk_size`` and ``blocks``
+            (chunked Triton path).
 
     Returns:
         :class:`SensitivityOutput` of float32 tensors on the device of ``hidden``.
@@ -117,6 +129,7 @@ def sensitivity(
     )
     num_seqs, temperature, ignore_index = checked
     backend = _pick_backend(_backend, hidden)
+    impl = _pick_impl(impl, backend, hidden)
     n, d = hidden.shape
     out = _out if _out is not None else _allocate(
         n, d, num_seqs if seq_index is not None else None, return_token_features, hidden.device
@@ -136,7 +149,11 @@ def sensitivity(
             token_features=out.token_features if return_token_features else None,
             **(_options or {}),
         )
-        if backend == "triton":
+        if backend == "triton" and impl == "chunked":
+            from g2rl_kernels.ops.sensitivity_chunked_triton import sensitivity_chunked_triton
+
+            sensitivity_chunked_triton(hidden, weight, targets, **kwargs)
+        elif backend == "triton":
             from g2rl_kernels.ops.sensitivity_triton import sensitivity_triton
 
             sensitivity_triton(hidden, weight, targets, **kwargs)
@@ -161,6 +178,30 @@ def _pick_backend(backend: str, hidden: torch.Tensor) -> str:
             raise ValueError("_backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
         return backend
     raise ValueError(f"_backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+
+
+IMPLS = ("auto", "chunked", "fused")
+
+
+def _pick_impl(impl: str, backend: str, hidden: torch.Tensor) -> str:
+    """The Triton design to run ("chunked" or "fused"); "chunked" names the torch path too."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if backend == "torch":
+        if impl == "fused":
+            raise ValueError(
+                "impl='fused' is the Triton path: it needs CUDA tensors (on the CPU the chunked "
+                "PyTorch path runs; use impl='auto' or 'chunked'), got tensors on "
+                f"{hidden.device}"
+            )
+        return "chunked"
+    if impl == "auto":
+        if hidden.dtype == torch.float32 or not hidden.is_cuda:
+            return "chunked"
+        from g2rl_kernels.ops.sensitivity_chunked_triton import out_dtype_gemm_supported
+
+        return "chunked" if out_dtype_gemm_supported() else "fused"
+    return impl
 
 
 def _allocate(n, d, num_seqs, token_features, device) -> SensitivityOutput:

@@ -175,14 +175,24 @@ def max_err(x: torch.Tensor | None, ref: torch.Tensor | None) -> float:
     return float((x.double().cpu() - ref.double().cpu()).abs().max())
 
 
-def tolerances(kw: dict, dtypes: list[torch.dtype], ref64: SensitivityOutput) -> dict:
+def tolerances(kw: dict, dtypes: list[torch.dtype], ref64: SensitivityOutput,
+               rounded_g: bool = False) -> dict:
     """Per field: 4 x the worst error plain PyTorch (the reference) makes in the given dtypes
     against float64 on the same inputs, plus a floor of 1e-5 x (1 + max |value|) (for the
-    features: 1e-5 x (1 + max(|value|, |W|)))."""
+    features: 1e-5 x (1 + max(|value|, |W|))).
+
+    rounded_g (the Triton paths with a 16-bit W: g_t = e(y_t) - p_t is rounded to W's dtype for
+    the tensor-core product g @ W): the token features' tolerance is then elementwise, the
+    float32 one plus the bound of that rounding, 2^-8 (|g_t| @ |W|) (twice the unit roundoff
+    of bfloat16), never the error of the reference in the 16-bit dtype (which subtracts
+    p_y W[y] from W[y] in 16 bits and is wrong by up to 100% when p_y -> 1).
+    """
     errs = {f: 0.0 for f in FIELDS}
     for dt in dtypes:
         base = reference.sensitivity(**to(kw, dt))
         for f in FIELDS:
+            if rounded_g and f == "token_features" and dt != torch.float32:
+                continue
             errs[f] = max(errs[f], max_err(getattr(base, f), getattr(ref64, f)))
     tol = {}
     w = kw.get("weight")
@@ -195,7 +205,25 @@ def tolerances(kw: dict, dtypes: list[torch.dtype], ref64: SensitivityOutput) ->
             # error scales with |W| even where the difference itself is ~0 (V = 1, p_y -> 1)
             scale = max(scale, w_scale)
         tol[f] = 4 * errs[f] + 1e-5 * (1 + scale)
+    w16 = isinstance(w, torch.Tensor) and w.dtype in (torch.bfloat16, torch.float16)
+    if rounded_g and w16 and ref64.token_features is not None:
+        tol["token_features"] = tol["token_features"] + rounded_g_bound(kw)
     return tol
+
+
+def rounded_g_bound(kw: dict) -> torch.Tensor:
+    """(N, d) float64: 2^-8 (|g_t| @ |W|), g_t = e(y_t) - p_t (0 for ignored tokens)."""
+    h, w = kw["hidden"].double(), kw["weight"].double()
+    logits = h @ w.T
+    if kw.get("bias") is not None:
+        logits = logits + kw["bias"].double()
+    p = torch.softmax(logits / kw["temperature"], dim=-1)
+    counted = kw["targets"] != kw["ignore_index"]
+    g = -p
+    rows = torch.nonzero(counted).flatten()
+    g[rows, kw["targets"][rows].long()] += 1.0
+    g[~counted] = 0.0
+    return 2.0**-8 * (g.abs() @ w.abs())
 
 
 def poisoned(kw: dict, device) -> SensitivityOutput:
@@ -230,8 +258,14 @@ def check_outputs(out: SensitivityOutput, expected: SensitivityOutput, tol: dict
             problems.append(f"{f}: {int((~torch.isfinite(x)).sum())} non-finite elements")
             continue
         err = max_err(x, r)
-        if not err <= tol[f]:
-            problems.append(f"{f}: max abs error {err:.3g} > tolerance {tol[f]:.3g}")
+        t = tol[f]
+        if isinstance(t, torch.Tensor):  # elementwise tolerance
+            ratio = float(((x.double().cpu() - r.double().cpu()).abs() / t).max())
+            if not ratio <= 1.0:
+                problems.append(f"{f}: max abs error {err:.3g}, {ratio:.3g} x its elementwise "
+                                f"tolerance")
+        elif not err <= t:
+            problems.append(f"{f}: max abs error {err:.3g} > tolerance {t:.3g}")
     if problems:
         raise AssertionError(f"{what}: " + "; ".join(problems))
 
@@ -249,7 +283,7 @@ def run_and_check(case: Case, backend: str, device="cpu", strict: bool = True) -
     ref64 = reference.sensitivity(**to(kw, torch.float64))
     orc = oracle(kw)
     dtypes = [torch.float32] if strict else [torch.float32, DTYPES[case.dtype]]
-    tol = tolerances(kw, dtypes, ref64)
+    tol = tolerances(kw, dtypes, ref64, rounded_g=backend == "triton" or str(device) != "cpu")
     # the reference itself agrees with the independent oracle
     for f in FIELDS:
         r, o = getattr(ref64, f), getattr(orc, f)

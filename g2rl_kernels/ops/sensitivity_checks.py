@@ -220,8 +220,10 @@ def check_values_of(
 
     targets in [0, V) or ``ignore_index``; seq_index in [0, num_seqs); token_weights finite and
     >= 0; the hidden row of every counted token (target != ignore_index) finite; weight finite;
-    bias finite. Ignored tokens' hidden rows are not checked (prompt or padding positions may
-    hold anything; a non-finite one only makes that token's ``lse`` non-finite).
+    bias neither NaN nor +inf, and not -inf everywhere (-inf entries mask vocabulary entries:
+    their probability is 0, and a target there has logprob -inf). Ignored tokens' hidden rows
+    are not checked (prompt or padding positions may hold anything; a non-finite one only makes
+    that token's ``lse`` non-finite).
 
     All flags are computed on the device without (N, d) or (V, d) temporaries (row-wise and
     global min/max) and read back in one transfer; the error message then names the first bad
@@ -232,7 +234,9 @@ def check_values_of(
     counted = t != ignore_index
     flags = {"weight": _not_finite(torch.aminmax(weight))}
     if bias is not None:
-        flags["bias"] = _not_finite(torch.aminmax(bias))
+        # -inf masks a vocabulary entry (probability 0); NaN, +inf, or every entry -inf do not
+        lo, hi = torch.aminmax(bias) if bias.numel() else (bias.new_zeros(()),) * 2
+        flags["bias"] = torch.isnan(bias).any() | (hi == math.inf) | (hi == -math.inf)
     if targets.numel():
         flags["targets"] = (counted & ((t < 0) | (t >= v))).any()
         if seq_index is not None:
@@ -289,11 +293,16 @@ def check_values_of(
             f"token's outputs would be non-finite"
         )
     if bad.get("bias"):
-        i = int(torch.nonzero(~torch.isfinite(bias))[0, 0])
+        bad_entries = torch.isnan(bias) | (bias == math.inf)
+        if not bool(bad_entries.any()):
+            raise ValueError(
+                f"bias is -inf at every one of its {bias.numel()} entries: every token's "
+                f"logits would be -inf (no distribution); -inf may mask some entries, not all"
+            )
+        i = int(torch.nonzero(bad_entries)[0, 0])
         raise ValueError(
-            f"bias[{i}] (vocabulary entry {i}) is not finite: {float(bias[i])}; every token's "
-            f"outputs would be non-finite (to mask a vocabulary entry use a large negative "
-            f"finite bias)"
+            f"bias[{i}] (vocabulary entry {i}) is {float(bias[i])}; every token's outputs would "
+            f"be non-finite (bias entries may be finite or -inf, which masks the entry)"
         )
 
 

@@ -1,4 +1,7 @@
-"""Triton kernels of the sensitivity outputs (the CUDA path; also runs under TRITON_INTERPRET=1).
+"""Triton kernels of the ``impl="fused"`` sensitivity path (CUDA; also runs under
+TRITON_INTERPRET=1): no logits buffer at all, for memory-bound users. The default CUDA path is
+``impl="chunked"`` (``sensitivity_chunked_triton.py``), which shares :func:`seq_matmul`,
+:func:`sequence_order` and :func:`_segment_reduce` with this one.
 
 Three passes, none of which materialises an (N, V) or (N, d) intermediate:
 
@@ -6,18 +9,24 @@ Three passes, none of which materialises an (N, V) or (N, d) intermediate:
    with ``tl.dot`` over d tiles and keep online accumulators per token: running max m,
    s = sum exp(z - m), u = sum exp(z - m) (z - m) and the target logit. Partials of the V
    splits are merged by :func:`_merge_splits` (a few (splits, N) float32 vectors):
-   lse = m + log s, logprob = z_y - lse, entropy = log s - u / s.
-2. ``_pool_kernel``, grid (token blocks x V tiles): recompute a logits tile, form
-   a~_t (e(y_t) - p_t) and reduce it over the tokens of each sequence present in the block into
-   r (num_seqs, V) float32 with atomics; then ``_seq_matmul_kernel`` gives Phi = r @ W in
-   float32 (V split, partials summed). About 4 N V d flops in all.
+   lse = m + log s, logprob = z_y - lse, entropy = log s - u / s. Logits of -inf (a bias that
+   masks vocabulary entries) are guarded in both places (no exp(-inf + inf), no 0 * -inf).
+2. ``_pool_kernel``, grid (token blocks x V tiles), tokens taken sorted by sequence: recompute
+   a logits tile, form a~_t (e(y_t) - p_t) and reduce it over the tokens of each sequence
+   present in the block into r (num_seqs, V) float32 with relaxed atomics; then
+   ``_seq_matmul_kernel`` gives Phi = r @ W in float32 (V split, partials summed). About
+   4 N V d flops in all.
 3. ``_token_kernel`` (only when token features are asked for), grid (token blocks,): phi_t =
-   W[y_t] - p_t @ W, V tile by V tile, accumulated in the (N, d) float32 output itself.
+   (e(y_t) - p_t) @ W with the coefficient vector formed in float32 (so 1 - p_y is exact when
+   p_y -> 1) and then rounded to W's dtype for a 16-bit dot, V tile by V tile, accumulated in
+   the (N, d) float32 output itself.
 
 Every dot has all dimensions >= 16. Under the interpreter ``tl.dot`` on bf16/fp16 is wrong, so
-the tiles are upcast to float32 there (``UPCAST``) and float32 dots are IEEE; on a GPU float32
-inputs use 3xTF32 dots (float32-accurate, not plain TF32) and 16-bit inputs accumulate in
-float32.
+the tiles are upcast to float32 there (``UPCAST``; products of 16-bit values are exact in
+float32, so this computes what the tensor cores compute) and float32 dots are IEEE; on a GPU
+float32 inputs use 3xTF32 dots (float32-accurate, not plain TF32) and 16-bit inputs accumulate
+in float32. N is not specialised on (``do_not_specialize``): token counts vary between RL steps
+without recompiling.
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ def _logits_tile(
     return tl.where(col_ok[None, :], z, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _lse_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, tiles_per_split,
@@ -91,12 +100,15 @@ def _lse_kernel(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd,
             stride_wv, stride_wd, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
         )
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
-        alpha = tl.exp(m - m_new)
-        shift = tl.where(s > 0, m - m_new, 0.0)  # avoids 0 * -inf on the first tile
-        zs = z - m_new[:, None]
-        e = tl.exp(zs)  # 0 on the -inf tail
-        ezs = e * tl.where(offs_v[None, :] < V, zs, 0.0)
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # -inf while every logit so far is -inf
+        # a bias may mask vocabulary entries with -inf: a whole tile (or split) of -inf logits
+        # must not give exp(-inf + inf) or 0 * -inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)  # 0 while m = -inf (then s = u = 0 anyway)
+        shift = tl.where(s > 0, m - m_new, 0.0)  # s > 0: m and m_new finite
+        zs = z - m_safe[:, None]
+        e = tl.exp(zs)  # 0 on -inf logits and the -inf tail
+        ezs = tl.where(zs == float("-inf"), 0.0, e * zs)  # NaN stays NaN
         u = alpha * (u + s * shift) + tl.sum(ezs, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
@@ -116,27 +128,31 @@ def _segment_reduce(
 ):
     """r[seq_t, offs_v] += val[t, :] summed over the rows t of each sequence in the block.
 
-    Loops over the sequence ids between the smallest and largest one among the valid rows
-    (one or two for sorted, contiguous sequences) and issues one vector atomic add per id.
+    Visits only the sequence ids present among the valid rows, in increasing order (one or two
+    when the rows are sorted by sequence, as the wrappers arrange; at most BLOCK_N otherwise),
+    with one vector atomic add (relaxed: only the sums matter) per id.
     """
-    lo = tl.min(tl.where(valid, seq, 2147483647), axis=0)
-    hi = tl.max(tl.where(valid, seq, -1), axis=0)
+    none: tl.constexpr = 2147483647
+    b = tl.min(tl.where(valid, seq, none), axis=0)
     col_ok = offs_v < V
-    row_ptr = r_ptr + lo.to(tl.int64) * V + offs_v
-    for b in range(lo, hi + 1):
+    while b != none:
         part = tl.sum(tl.where(((seq == b) & valid)[:, None], val, 0.0), axis=0)
-        tl.atomic_add(row_ptr, part, mask=col_ok)
-        row_ptr += V
+        tl.atomic_add(r_ptr + b.to(tl.int64) * V + offs_v, part, mask=col_ok, sem="relaxed")
+        b = tl.min(tl.where(valid & (seq > b), seq, none), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _pool_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, a_ptr, seq_ptr, r_ptr, N, V, D,
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, a_ptr, seq_ptr, order_ptr, r_ptr, N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, num_n_blocks, num_v_tiles,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """r[seq_t] += a~_t (e(y_t) - p_t) for one (token block, V tile)."""
+    """r[seq_t] += a~_t (e(y_t) - p_t) for one (token block, V tile).
+
+    Token blocks are taken in ``order`` (the tokens sorted by sequence), so that a block holds
+    one or two sequences whatever the layout of seq_index.
+    """
     pid = tl.program_id(0)
     # grouped order: GROUP token blocks sweep the V tiles together (L2 reuse of h and W)
     per_group = GROUP * num_v_tiles
@@ -144,7 +160,9 @@ def _pool_kernel(
     group_size = tl.minimum(num_n_blocks - first_n, GROUP)
     pid_n = first_n + (pid % per_group) % group_size
     pid_v = (pid % per_group) // group_size
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # token index of each row of the block; N (out of range) past the end
+    offs_n = tl.load(order_ptr + pos, mask=pos < N, other=N).to(tl.int64)
     offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     row_ok = offs_n < N
     a = tl.load(a_ptr + offs_n, mask=row_ok, other=0.0)  # 0 for ignored tokens
@@ -159,7 +177,7 @@ def _pool_kernel(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd,
             stride_wv, stride_wd, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
         )
-        p = tl.exp(z - lse[:, None])  # 0 on the -inf tail
+        p = tl.exp(z - lse[:, None])  # 0 on -inf logits and the -inf tail
         onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
         val = tl.where(valid[:, None], a[:, None] * (onehot - p), 0.0)  # no 0 * inf
         _segment_reduce(val, r_ptr, seq, valid, offs_v, V)
@@ -195,34 +213,27 @@ def _seq_matmul_kernel(
     tl.store(out, acc, mask=(offs_s[:, None] < S) & (offs_d[None, :] < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _token_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, out_ptr, N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, CAST_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_G: tl.constexpr,
 ):
-    """out[t] = W[y_t] - p_t @ W for one token block (0 for ignored tokens), out (N, D)."""
+    """out[t] += g_t @ W with g_t = e(y_t) - p_t (0 for ignored tokens), out (N, D) zeroed.
+
+    g is formed in float32, so the coefficient 1 - p_y of W[y] is exact even when p_y -> 1;
+    with 16-bit W (``ROUND_G``) g is then rounded to W's dtype for the tensor-core dot (relative
+    error 2^-9 per entry of g, not of W[y]). Under the interpreter ``UPCAST`` computes the same
+    rounded products in float32.
+    """
     pid_n = tl.program_id(0)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = offs_n < N
     y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
     counted = row_ok & (y >= 0)
     lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
-    y_safe = tl.where(counted, y, 0)
     offs_d0 = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):  # out = W[y] (0 for ignored rows)
-        offs_d = (d0 + offs_d0).to(tl.int64)
-        d_ok = offs_d < D
-        wy = tl.load(
-            w_ptr + y_safe[:, None] * stride_wv + offs_d[None, :] * stride_wd,
-            mask=counted[:, None] & d_ok[None, :], other=0.0,
-        ).to(tl.float32)
-        tl.store(out_ptr + offs_n[:, None] * D + offs_d[None, :], wy,
-                 mask=row_ok[:, None] & d_ok[None, :])
-    # the rows are read back below, possibly by other threads of the program: make the stores
-    # visible (a CTA barrier orders global memory too)
-    tl.debug_barrier()
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = offs_v < V
@@ -230,7 +241,8 @@ def _token_kernel(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd,
             stride_wv, stride_wd, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
         )
-        p = tl.where(counted[:, None], tl.exp(z - lse[:, None]), 0.0)
+        onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
+        g = tl.where(counted[:, None], onehot - tl.exp(z - lse[:, None]), 0.0)
         for d0 in range(0, D, BLOCK_D):
             offs_d = (d0 + offs_d0).to(tl.int64)
             d_ok = offs_d < D
@@ -238,13 +250,18 @@ def _token_kernel(
                 w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0,
             )
-            if CAST_P:  # 16-bit W on a GPU: p rounded to W's dtype, float32 accumulation
-                pw = tl.dot(p.to(w.dtype), w)
-            else:
-                pw = tl.dot(p, w.to(tl.float32), input_precision=PRECISION)
+            gd = g
+            if ROUND_G:  # 16-bit W: the tensor cores multiply g rounded to W's dtype
+                gd = g.to(w.dtype)
+            if UPCAST:
+                gd = gd.to(tl.float32)
+                w = w.to(tl.float32)
+            pw = tl.dot(gd, w, input_precision=PRECISION)
             o_ptrs = out_ptr + offs_n[:, None] * D + offs_d[None, :]
             o_mask = row_ok[:, None] & d_ok[None, :]
-            tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) - pw, mask=o_mask)
+            tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) + pw, mask=o_mask)
+            # the rows are read back at the next V tile, possibly by other threads of the
+            # program: make the stores visible (a CTA barrier orders global memory too)
             tl.debug_barrier()
 
 
@@ -281,10 +298,11 @@ def _config(kernel: str, n: int, v: int, d: int, fp32: bool, interp: bool,
 def _merge_splits(part: torch.Tensor, counted: torch.Tensor, logprobs, entropy, lse) -> None:
     """Merge the per-split online accumulators part (4, splits, N) into the outputs."""
     m, s, u, zy = part.unbind(0)  # (splits, N) each
-    mm = m.amax(dim=0)  # (N,)
-    scale = torch.exp(m - mm)
+    mm = m.amax(dim=0)  # (N,); -inf only if a row's logits are all -inf (refused by the checks)
+    scale = torch.exp(m - mm)  # 0 for a split whose logits are all -inf (m = -inf, s = 0)
     s_tot = (s * scale).sum(dim=0)
-    u_tot = (scale * (u + s * (m - mm))).sum(dim=0)
+    # s * (m - mm) would be 0 * -inf for such a split
+    u_tot = (scale * (u + torch.where(s > 0, s * (m - mm), 0.0))).sum(dim=0)
     log_s = s_tot.log()
     lse.copy_(mm + log_s)
     logprobs.copy_(torch.where(counted, zy.sum(dim=0) - lse, 0.0))
@@ -325,9 +343,10 @@ def sensitivity_triton(
     fp32 = hidden.dtype == torch.float32
     upcast = interp and not fp32
     # float32 dots: IEEE in the interpreter, 3xTF32 (float32-accurate) on a GPU; 16-bit inputs
-    # use the tensor cores' native 16-bit products with float32 accumulation
+    # use the tensor cores' native 16-bit products with float32 accumulation (the precision
+    # argument does not apply to them: "ieee" is the neutral value)
     fp32_precision = "ieee" if interp else "tf32x3"
-    precision = fp32_precision if fp32 or upcast else "tf32"
+    precision = fp32_precision if fp32 else "ieee"
     counted = targets != ignore_index
     y = torch.where(counted, targets, -1).to(torch.int64)  # -1 never matches a column
     b_arg = bias if bias is not None else hidden  # dummy pointer when there is no bias
@@ -361,9 +380,10 @@ def sensitivity_triton(
         _merge_splits(part, counted, logprobs, entropy, lse)
         if token_features is not None:
             sizes, launch = config("token")
+            token_features.zero_()
             _token_kernel[(triton.cdiv(n, sizes["BLOCK_N"]),)](
                 hidden, weight, b_arg, y, lse, token_features, *args,
-                **flags, CAST_P=not (fp32 or upcast), **sizes, **launch,
+                **flags, ROUND_G=not fp32, **sizes, **launch,
             )
         if seq_features is not None:
             num_seqs = seq_features.shape[0]
@@ -371,24 +391,33 @@ def sensitivity_triton(
             sizes, launch = config("pool")
             a = torch.where(counted, a_norm.float(), 0.0).contiguous()
             seq = seq_index.to(torch.int32).contiguous()
+            order = sequence_order(seq_index)
             n_blocks = triton.cdiv(n, sizes["BLOCK_N"])
             v_tiles = triton.cdiv(v, sizes["BLOCK_V"])
             if num_seqs > 0:
                 _pool_kernel[(n_blocks * v_tiles,)](
-                    hidden, weight, b_arg, y, lse, a, seq, r, *args, n_blocks, v_tiles,
+                    hidden, weight, b_arg, y, lse, a, seq, order, r, *args, n_blocks, v_tiles,
                     **flags, GROUP=8, **sizes, **launch,
                 )
-            _seq_matmul(r, weight, seq_features, interp, fp32_precision)
+            seq_matmul(r, weight, seq_features, interp, fp32_precision)
 
 
-def _seq_matmul(r: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, interp: bool,
+def sequence_order(seq_index: torch.Tensor) -> torch.Tensor:
+    """(N,) int32 token indices sorted by sequence (stable): a block of consecutive entries
+    then spans one or two sequences, whatever the layout (shuffled, interleaved) of seq_index.
+    One device sort, no host synchronisation."""
+    return torch.sort(seq_index, stable=True).indices.to(torch.int32)
+
+
+def seq_matmul(r: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, interp: bool,
                 precision: str) -> None:
     """out (S, d) = r (S, V) @ weight (V, d) in float32, split over V (partials summed)."""
     num_seqs, v = r.shape
     d = weight.shape[1]
     if num_seqs == 0:
         return
-    bs = _pow2(num_seqs, 16, 64 if interp else 16)
+    # W is read once per block of BLOCK_S sequences: 64 of them per block when there are many
+    bs = _pow2(num_seqs, 16, 64)
     bd = _pow2(d, 16, 128 if interp else 64)
     bv = 512 if interp else 32
     v_tiles = triton.cdiv(v, bv)

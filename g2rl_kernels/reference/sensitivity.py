@@ -61,7 +61,8 @@ def sensitivity(
     y = torch.where(counted, targets.long(), 0)
     zero = torch.zeros((), dtype=dt, device=hidden.device)
     logprobs = torch.where(counted, logp.gather(1, y[:, None]).squeeze(1), zero)
-    entropy = torch.where(counted, -(p * logp).sum(-1), zero)
+    # p log p -> 0 where p = 0 (an entry masked by a -inf bias: 0 * -inf)
+    entropy = torch.where(counted, -torch.where(p > 0, p * logp, zero).sum(-1), zero)
     phi = weight[y] - p @ weight  # (N, d)
     phi = torch.where(counted[:, None], phi, zero)
     seq_features = None
