@@ -13,12 +13,16 @@ import torch
 from _sensitivity_helpers import (
     FIELDS,
     INTERPRETED_CASES,
+    INTERPRETED_CHUNKED_CASES,
     Case,
     call_kwargs,
+    check_masked_bias,
     check_outputs,
+    confident_inputs,
     cycle_case,
     make_inputs,
     poisoned,
+    rounded_g_bound,
     run_and_check,
     to,
     tolerances,
@@ -73,14 +77,54 @@ CUDA = pytest.mark.skipif(
 )
 
 
+# options each CUDA path takes (the CPU cases' chunk_size/vocab_chunk are the torch path's)
+CUDA_OPTIONS = {"triton": ("num_splits", "blocks"), "triton-chunked": ("chunk_size",)}
+
+
 @CUDA
+@pytest.mark.parametrize("backend", ["triton", "triton-chunked"], ids=["fused", "chunked"])
 @pytest.mark.parametrize(
-    "case", CPU_CASES[::5] + [replace(c, options=()) for c in INTERPRETED_CASES],
+    "case", CPU_CASES[::5] + INTERPRETED_CASES + INTERPRETED_CHUNKED_CASES,
     ids=lambda c: c.id,
 )
-def test_cuda_path(case):
-    options = tuple((k, v) for k, v in case.options if k != "chunk_size")
-    run_and_check(replace(case, options=options), backend="auto", device="cuda", strict=False)
+def test_cuda_path(case, backend):
+    options = tuple((k, v) for k, v in case.options if k in CUDA_OPTIONS[backend])
+    run_and_check(replace(case, options=options), backend=backend, device="cuda", strict=False)
+
+
+@CUDA
+def test_cuda_auto_is_chunked_and_agrees_with_fused():
+    case = cycle_case(4, 257, 4099, 130, "bfloat16")
+    kw = to(call_kwargs(make_inputs(case), case), device="cuda")
+    auto = g2rl_kernels.sensitivity(**kw)
+    chunked = g2rl_kernels.sensitivity(**kw, impl="chunked")
+    fused = g2rl_kernels.sensitivity(**kw, impl="fused")
+    for f in FIELDS:
+        assert torch.equal(getattr(auto, f), getattr(chunked, f)), f
+        torch.testing.assert_close(getattr(fused, f), getattr(chunked, f), rtol=2e-3, atol=2e-3)
+
+
+@CUDA
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("p_target", [0.9, 0.999, 0.9999])
+def test_cuda_16bit_token_features_of_confident_tokens(impl, dtype, p_target):
+    """Issue 9, item 1 on the GPU: phi of a token with p_y -> 1 within 2^-7 (|g| @ |W|)."""
+    h, w, y = confident_inputs(dtype, p_target)
+    out = g2rl_kernels.sensitivity(h.cuda(), w.cuda(), y.cuda(), return_token_features=True,
+                                   impl=impl)
+    ref = reference.sensitivity(h.double(), w.double(), y, return_token_features=True)
+    err = (out.token_features.cpu().double() - ref.token_features).abs()
+    bound = rounded_g_bound(dict(hidden=h, weight=w, targets=y, temperature=1.0,
+                                 ignore_index=-100)) + 1e-6
+    assert bool((err <= bound).all()), float((err / bound).max())
+
+
+@CUDA
+@pytest.mark.parametrize("backend", ["triton", "triton-chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_minus_inf_bias(backend, dtype):
+    check_masked_bias(backend, dtype, device="cuda")
 
 
 @CUDA

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 from _sensitivity_helpers import (
+    backend_kwargs,
     check_outputs,
     to,
     tolerances,
@@ -78,7 +79,7 @@ class FuzzCase:
     blocks: tuple[int, int, int] | None = None
 
     def replay_command(self, backend: str = "torch") -> str:
-        env = "" if backend == "torch" else "G2RL_FUZZ_BACKEND=triton TRITON_INTERPRET=1 "
+        env = "" if backend == "torch" else f"G2RL_FUZZ_BACKEND={backend} TRITON_INTERPRET=1 "
         return (f"{env}G2RL_FUZZ_REPLAY='{json.dumps(asdict(self))}' "
                 f"pytest tests/test_sensitivity_fuzz.py -k replay")
 
@@ -148,6 +149,8 @@ def _options(case: FuzzCase, backend: str) -> dict | None:
         opts = {"num_splits": case.num_splits} if case.num_splits else {}
         if case.blocks:
             opts["blocks"] = tuple(case.blocks)
+    elif backend == "triton-chunked":
+        opts = {"chunk_size": case.chunk_size} if case.chunk_size else {}
     else:
         opts = {k: getattr(case, k) for k in ("chunk_size", "vocab_chunk") if getattr(case, k)}
     return opts or None
@@ -167,8 +170,9 @@ def _check(case: FuzzCase, backend: str) -> None:
     kw = fuzz_inputs(case)
     ref_kw = reference_kwargs(kw)
     ref64 = reference.sensitivity(**to(ref_kw, torch.float64))
-    tol = tolerances(ref_kw, [torch.float32], ref64, rounded_g=backend == "triton")
-    out = g2rl_kernels.sensitivity(**kw, _backend=backend, _options=_options(case, backend))
+    tol = tolerances(ref_kw, [torch.float32], ref64, rounded_g=backend.startswith("triton"))
+    out = g2rl_kernels.sensitivity(**kw, **backend_kwargs(backend),
+                                   _options=_options(case, backend))
     check_outputs(out, ref64, tol, f"{backend} vs float64 reference")
     ignored = kw["targets"] == case.ignore_index
     assert torch.equal(out.logprobs[ignored], torch.zeros(int(ignored.sum()))), "logprobs"

@@ -18,6 +18,7 @@ from _sensitivity_helpers import (
     Case,
     ExpArguments,
     check_containment,
+    check_masked_bias,
     check_weight_containment,
     containment_inputs,
     largest_allocation,
@@ -42,6 +43,13 @@ from g2rl_kernels.ops.sensitivity_torch import CHUNK_BYTES, EXP_FLOOR, VOCAB_CHU
 )
 def test_non_finite_hidden_stays_in_its_token_and_sequence(value, dtype, options):
     check_containment("torch", value, dtype, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [{}, {"chunk_size": 16, "vocab_chunk": 64}],
+                         ids=["default", "chunk16-vocab64"])
+def test_minus_inf_bias_masks_vocabulary_entries(dtype, options):
+    check_masked_bias("torch", dtype, **options)
 
 
 @pytest.mark.parametrize("options", [{}, {"chunk_size": 70}])
@@ -85,9 +93,15 @@ def test_check_values_names_the_first_bad_weight_row_and_bias_entry():
     with pytest.raises(ValueError, match=r"weight\[123\] \(vocabulary row 123\) is not finite: "
                                          r"NaN at column 4"):
         g2rl_kernels.sensitivity(**_broken("weight")["kw"])
-    with pytest.raises(ValueError, match=r"bias\[77\] \(vocabulary entry 77\) is not finite: "
-                                         r"-inf"):
-        g2rl_kernels.sensitivity(**_broken("bias", -math.inf)["kw"])
+    for value, name in ((math.nan, "nan"), (math.inf, "inf")):
+        with pytest.raises(ValueError, match=rf"bias\[77\] \(vocabulary entry 77\) is {name}; "
+                                             r"every token's outputs would be non-finite"):
+            g2rl_kernels.sensitivity(**_broken("bias", value)["kw"])
+    # -inf masks an entry (issue 9); -inf everywhere leaves no distribution
+    kw = _broken("bias", -math.inf)["kw"]
+    g2rl_kernels.sensitivity(**kw)
+    with pytest.raises(ValueError, match=r"bias is -inf at every one of its 300 entries"):
+        g2rl_kernels.sensitivity(**dict(kw, bias=torch.full_like(kw["bias"], -math.inf)))
     # the first bad row is found past the first scan block too
     kw = _broken("weight")["kw"]
     big = torch.zeros(9000, kw["weight"].shape[1])

@@ -17,6 +17,8 @@ import pytest
 from _sensitivity_helpers import (
     BAD_VALUES,
     INTERPRETED_CASES,
+    INTERPRETED_CHUNKED_CASES,
+    INTERPRETED_CHUNKED_CONTAINMENT,
     INTERPRETED_CONTAINMENT,
     INTERPRETED_SHARP_CASES,
 )
@@ -28,9 +30,15 @@ CASES_FILE = HERE / "_sensitivity_interpreted_cases.py"
 # test_interpreter_is_on + the cases + test_triton_non_contiguous_and_tied (two dtypes)
 # + test_triton_allocates_no_n_by_v_or_n_by_d; issue 12: containment (values x settings),
 # NaN token weight, check_values and scalars, the sharp-logit cases, the fuzz subset
-EXPECTED_PASSED = (1 + len(INTERPRETED_CASES) + 2 + 1
-                   + len(BAD_VALUES) * len(INTERPRETED_CONTAINMENT) + 1 + 1
-                   + len(INTERPRETED_SHARP_CASES) + 1)
+# issue 9: the chunked path (cases, containment, allocation, fuzz; both paths for the tied,
+# weight-containment and sharp tests), confident 16-bit tokens (2 paths x 2 dtypes x 4), -inf
+# bias (5), shuffled sequences (2)
+EXPECTED_PASSED = (1 + len(INTERPRETED_CASES) + 2 * 2 + 1
+                   + len(BAD_VALUES) * len(INTERPRETED_CONTAINMENT) + 2 + 1
+                   + 2 * len(INTERPRETED_SHARP_CASES) + 1
+                   + len(INTERPRETED_CHUNKED_CASES) + 1 + 1
+                   + len(BAD_VALUES) * len(INTERPRETED_CHUNKED_CONTAINMENT)
+                   + 16 + 5 + 2)
 
 
 def test_triton_kernels_interpreted():

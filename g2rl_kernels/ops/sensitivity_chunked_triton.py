@@ -201,7 +201,7 @@ def sensitivity_chunked_triton(
             seq_features.zero_()
         return
     configs = INTERPRETER_CONFIGS if interp else GPU_CONFIGS
-    sizes = {k: (blocks or {}).get(k, configs[k][:2]) for k in configs}
+    sizes = {k: dict(blocks or {}).get(k, configs[k][:2]) for k in configs}
     counted = targets != ignore_index
     y = torch.where(counted, targets, -1).to(torch.int64)
     pool = seq_features is not None
