@@ -253,12 +253,29 @@ def _cuda_time(fn, *args, reps=3) -> float:
     return best
 
 
+def _impl_no_checks(impl: str):
+    def fn(hidden, weight, targets, seq_index, num_seqs):
+        return g2rl_kernels.sensitivity(hidden, weight, targets, seq_index=seq_index,
+                                        num_seqs=num_seqs, check_values=False, impl=impl)
+    return fn
+
+
+# flops of each GPU row: the fused passes compute the logits twice; the chunked path once
+# (cuBLAS) plus the (S, V) @ (V, d) product; the torch baseline like the chunked path
+GPU_IMPLS = {
+    "triton_fused": (_impl_no_checks("fused"), lambda n, v, d, s: 4 * n * v * d + 2 * s * v * d),
+    "triton_chunked": (_impl_no_checks("chunked"),
+                       lambda n, v, d, s: 2 * n * v * d + 2 * s * v * d),
+    "chunked_torch": (chunked_torch_gpu, lambda n, v, d, s: 2 * n * v * d + 2 * s * v * d),
+}
+
+
 @CUDA
-@pytest.mark.parametrize("impl", ["triton_pooled", "chunked_torch"])
+@pytest.mark.parametrize("impl", list(GPU_IMPLS))
 def test_sensitivity_gpu(benchmark, impl):
     s = GPU_SHAPE
     args = make_inputs(**s, dtype=torch.bfloat16, device="cuda")
-    fn = pooled_no_checks if impl == "triton_pooled" else chunked_torch_gpu
+    fn, flop_count = GPU_IMPLS[impl]
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_rate = 2 * 8192**3 / _cuda_time(torch.matmul, a, a, reps=10)
     del a
@@ -266,7 +283,7 @@ def test_sensitivity_gpu(benchmark, impl):
     base_mem = torch.cuda.memory_allocated()
     t = _cuda_time(fn, *args)
     peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-    flops = 4 * s["n"] * s["v"] * s["d"]
+    flops = flop_count(s["n"], s["v"], s["d"], args[-1])
     benchmark.group = "sensitivity cuda bf16 N=32768 V=151936 d=2048"
     benchmark.extra_info.update(
         s, impl=impl, time_s=t, tflops=flops / t / 1e12, matmul_tflops=mm_rate / 1e12,
