@@ -6,14 +6,19 @@ needs PyTorch in the build environment and never depends on the installed torch'
 - ``g2rl_kernels._C``: C++ (CPU) group novelty, parallel over groups with OpenMP. Always built.
 - ``g2rl_kernels._C_cuda``: the CUDA implementation, compiled with plain ``nvcc`` and linked with
   the static CUDA runtime. Built when ``G2RL_BUILD_CUDA`` is ``1``, or ``auto`` (the default) and
-  a CUDA compiler is found (``$CUDA_HOME/bin/nvcc``, else ``/usr/local/cuda/bin/nvcc``, else
-  ``nvcc`` on the PATH). ``G2RL_CUDA_ARCH`` (default ``80;86;89;90``) picks the GPU targets; PTX
-  of the last one is embedded too.
+  a CUDA compiler is found (``$CUDA_HOME/bin/nvcc``; else, where the build sees a CUDA build of
+  torch (``--no-build-isolation``), a toolkit of torch's CUDA major version under
+  ``/usr/local/cuda*``; else ``/usr/local/cuda/bin/nvcc``, else ``nvcc`` on the PATH). The
+  runtime's major version must not exceed the driver's (g2rl_kernels falls back to PyTorch, with a
+  warning, where it does). ``G2RL_CUDA_ARCH`` (default ``80;86;89;90``) picks the GPU targets;
+  PTX of the last one is embedded too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,12 +32,61 @@ ROOT = Path(__file__).parent.resolve()
 CSRC = "csrc"
 
 
+def torch_cuda_version() -> str | None:
+    """torch.version.cuda of the torch the build sees, read from torch/version.py without
+    importing torch; None without torch (e.g. under build isolation) or for a CPU build."""
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        version_py = Path(loc) / "version.py"
+        if version_py.is_file():
+            found = re.search(r"^cuda\b[^=\n]*=\s*['\"]([\d.]+)['\"]", version_py.read_text(), re.M)
+            return found.group(1) if found else None
+    return None
+
+
+def nvcc_version(nvcc: str) -> str | None:
+    """"13.0" from `nvcc --version`, None if it does not run."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found.group(1) if found else None
+
+
 def find_nvcc() -> str | None:
-    """The CUDA compiler to use: CUDA_HOME, else /usr/local/cuda, else the PATH."""
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
+    """The CUDA compiler to use: CUDA_HOME (or CUDA_PATH); else one of torch's CUDA major
+    version; else /usr/local/cuda, else the PATH. Warns when its major differs from torch's."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+
+    def newest_first(home: Path) -> list[int]:
+        return [-int(x) for x in re.findall(r"\d+", home.name)]
+
+    candidates = [explicit] if explicit else [
+        "/usr/local/cuda", *sorted(Path("/usr/local").glob("cuda-*"), key=newest_first),
+    ]
+    found = [str(Path(h) / "bin" / "nvcc") for h in candidates
+             if (Path(h) / "bin" / "nvcc").is_file()]
+    if not explicit and shutil.which("nvcc"):
+        found.append(shutil.which("nvcc"))
+    if not found:
+        return None
+    want = torch_cuda_version()
+    if want is None:
+        return found[0]
+    major = want.split(".")[0]
+    versions = {nvcc: nvcc_version(nvcc) for nvcc in found}
+    for nvcc in found[:1] if explicit else found:  # an explicit CUDA_HOME is kept
+        if (versions[nvcc] or "").split(".")[0] == major:
+            return nvcc
+    print(f"WARNING: g2rl: {found[0]} is CUDA {versions[found[0]]} but torch was built with CUDA "
+          f"{want}; the extension links this CUDA runtime statically, so it needs a driver for "
+          f"CUDA {(versions[found[0]] or '?').split('.')[0]}.x (else g2rl_kernels falls back to "
+          f"PyTorch). Set CUDA_HOME to a CUDA {major}.x toolkit to match torch.", file=sys.stderr)
+    return found[0]
 
 
 def want_cuda() -> str | None:

@@ -12,13 +12,14 @@ Public API:
 """
 
 from g2rl_kernels import reference  # the oracles, plain PyTorch
-from g2rl_kernels.novelty import NoveltyOutput, cuda_available, group_novelty
+from g2rl_kernels.novelty import NoveltyOutput, cuda_available, cuda_backend, group_novelty
 from g2rl_kernels.sensitivity import SensitivityOutput, sensitivity, sequence_features
 
 __all__ = [
     "NoveltyOutput",
     "SensitivityOutput",
     "cuda_available",
+    "cuda_backend",
     "group_novelty",
     "reference",
     "sensitivity",

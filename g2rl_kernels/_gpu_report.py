@@ -35,6 +35,17 @@ def _cmd(args: list[str], cwd: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def extension_versions() -> dict:
+    """CUDA runtime the group-novelty extension was built with and the driver's CUDA version
+    (as CUDA encodes them: 12080 = 12.8; driver 0 = no driver), or None without the CUDA part."""
+    try:
+        from g2rl_kernels import _C_cuda
+    except ImportError:
+        return {"extension_cuda_runtime": None, "extension_cuda_driver": None}
+    return {"extension_cuda_runtime": int(_C_cuda.runtime_version()),
+            "extension_cuda_driver": int(_C_cuda.driver_version())}
+
+
 def environment(device: torch.device) -> dict:
     """Device, driver, torch/Triton/CUDA versions, git commit of the checkout."""
     try:
@@ -58,6 +69,7 @@ def environment(device: torch.device) -> dict:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extension_versions(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

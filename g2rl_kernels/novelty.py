@@ -1,5 +1,8 @@
 """Public entry point of the group novelty chain: validates its arguments and dispatches to the
-compiled extension (C++ on the CPU, CUDA on the GPU) through a ``torch.library`` custom op.
+compiled extension (C++ on the CPU, CUDA on the GPU) through a ``torch.library`` custom op. On a
+GPU where the CUDA extension cannot run (not built, or built with a CUDA runtime newer than the
+driver supports) a batched float32 PyTorch composition of the same chain runs instead, after one
+warning that says how to rebuild (:func:`cuda_backend`).
 
 Formulas: ``G2RL_METHOD.md`` sections 2-4 (normalise, Gram, novelty, shaping, standardisation).
 """
@@ -33,6 +36,17 @@ def cuda_available() -> bool:
     return group_novelty_op.cuda_extension() is not None
 
 
+def cuda_backend(device: torch.device | str | int | None = None) -> str:
+    """What :func:`group_novelty` runs on CUDA tensors of ``device`` (default: the current
+    one): ``"extension"`` (the compiled CUDA kernel) or ``"torch"`` (the float32 PyTorch
+    fallback). Decided once per device, at first use, with one warning when it falls back."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else (
+        torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
+    if device.type != "cuda":
+        raise ValueError(f"device must be a CUDA device, got {device}")
+    return "extension" if group_novelty_op.use_extension(device) else "torch"
+
+
 def _shape(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
@@ -53,10 +67,10 @@ def validate_novelty_args(
 ) -> None:
     """Raise a ``TypeError``/``ValueError`` naming the argument for any bad input.
 
-    ``reference`` relaxes the checks for the plain PyTorch reference: float64 is allowed and no
-    compiled extension is needed. ``check_finite`` scans the tensors for NaN/inf here (one host
-    sync on CUDA); None means "on CUDA only": the CPU kernel does that scan itself while it
-    reads the features, for free.
+    ``reference`` relaxes the checks for the plain PyTorch reference: float64 is allowed.
+    ``check_finite=True`` scans the tensors for NaN/inf here (one host sync on CUDA); None and
+    False skip it: the CPU and CUDA kernels and the PyTorch fallback count NaN/inf inputs
+    themselves while they read them, and raise.
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -94,19 +108,12 @@ def validate_novelty_args(
     if uniform_groups not in UNIFORM_GROUPS:
         raise ValueError(f"uniform_groups must be one of {list(UNIFORM_GROUPS)}, got "
                          f"{uniform_groups!r}")
-    if features.is_cuda and not reference and not cuda_available():
-        raise ValueError(
-            f"features is a CUDA tensor ({_shape(features)}) but g2rl_kernels was built without "
-            "CUDA. Rebuild it where nvcc is found (CUDA_HOME, else /usr/local/cuda): "
-            "G2RL_BUILD_CUDA=1 pip install -e ."
-        )
-    if check_finite is None:
-        check_finite = features.is_cuda
     if check_finite:
-        if features.numel() and not bool(torch.isfinite(features).all()):
-            raise ValueError(f"features contain NaN or inf ({_shape(features)})")
-        if rewards.numel() and not bool(torch.isfinite(rewards).all()):
-            raise ValueError(f"rewards contain NaN or inf ({_shape(rewards)})")
+        finite = torch.isfinite(features).all() & torch.isfinite(rewards).all()
+        if not bool(finite):  # the one host sync
+            name = "features" if not bool(torch.isfinite(features).all()) else "rewards"
+            bad = features if name == "features" else rewards
+            raise ValueError(f"{name} contain NaN or inf ({_shape(bad)})")
 
 
 def _is_number(x: object) -> bool:
@@ -133,8 +140,11 @@ def group_novelty(
 ) -> NoveltyOutput:
     """Group cosines, novelty, shaped rewards and advantages of B groups of G responses.
 
-    One call does the whole chain for all groups (one kernel launch on CUDA), accumulating in
-    float32.
+    One call does the whole chain for all groups (one kernel launch and one host sync on CUDA),
+    accumulating in float32. Any G works on every GPU: groups whose work arrays fit in shared
+    memory keep them there, larger ones use a global scratch buffer. Where the CUDA extension
+    cannot run, CUDA tensors go to a float32 PyTorch composition of the same chain
+    (:func:`cuda_backend`).
 
     Args:
         features: (B, G, d) sequence features Phi in float32, bfloat16 or float16, on the CPU or

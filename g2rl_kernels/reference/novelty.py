@@ -1,10 +1,14 @@
 """Plain PyTorch reference of the G2RL group novelty chain (spec sections 2-4).
 
 It is the oracle the compiled extension is tested against: every step is written out as the
-spec states it, in the dtype of the inputs (use float64 for an oracle).
+spec states it, in the dtype of the inputs (use float64 for an oracle). :func:`novelty_chain`, the
+batched chain itself, is also the float32 PyTorch fallback of the CUDA extension
+(``g2rl_kernels.ops.group_novelty_op.group_novelty_torch``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -43,8 +47,35 @@ def group_novelty(
         dtype = torch.float32
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
-    phi = features.to(dtype)
-    r = rewards.to(dtype)
+    return novelty_chain(features.to(dtype), rewards.to(dtype), lam=lam, clip=clip, mode=mode,
+                         eps=eps, scale_advantages=scale_advantages, span_floor=span_floor,
+                         std_floor=std_floor, uniform_groups=uniform_groups)
+
+
+def novelty_chain(
+    phi: torch.Tensor,
+    r: torch.Tensor,
+    *,
+    lam: float,
+    clip: float | None,
+    mode: str,
+    eps: float,
+    scale_advantages: bool,
+    span_floor: float,
+    std_floor: float,
+    uniform_groups: str,
+) -> NoveltyOutput:
+    """The chain of spec sections 2-4 as batched tensor operations, in the dtype and on the
+    device of ``phi`` (no argument checks: :func:`group_novelty` does them).
+
+    Written so that it also holds up in float32 (the PyTorch fallback of the CUDA extension runs
+    it): the peer-weight eps and the group mean are shifted as in ``csrc/novelty_chain.h``; in
+    exact arithmetic both are the plain formulas.
+
+    Args:
+        phi: (B, G, d) features, floating point.
+        r: (B, G) rewards, same dtype and device.
+    """
     B, G, _ = phi.shape
 
     # eq. 9: normalised directions; a zero vector stays zero, so its cosines are 0.
@@ -58,8 +89,12 @@ def group_novelty(
     e = torch.exp(r - m)  # (B, G)
     off_diag = ~torch.eye(G, dtype=torch.bool, device=phi.device)  # (G, G)
     num = e.unsqueeze(1) * off_diag  # (B, G, G): [b, i, j] = exp(r_j - m) [j != i]
-    den = num.sum(dim=-1, keepdim=True) + eps * torch.exp(-m).unsqueeze(-1)
-    w = num / den
+    # eps * exp(-m) as exp(log(eps) - m): no overflow of exp(-m) for very negative rewards
+    eps_m = torch.exp(math.log(eps) - m) if eps > 0 else torch.zeros_like(m)
+    den = num.sum(dim=-1, keepdim=True) + eps_m.unsqueeze(-1)
+    # no peer weight at all (a group of one, or peers' exp underflowing, with eps = 0): the
+    # response is fully novel, as in csrc/novelty_chain.h
+    w = num / torch.where(den > 0, den, torch.ones_like(den))
     # eq. 11
     nu = torch.clamp(1.0 - (w * cosine.square()).sum(dim=-1), min=0.0)  # (B, G)
 
@@ -82,12 +117,16 @@ def group_novelty(
 
     # section 4: group standardisation, std with n - 1 floored at std_floor; a group of one,
     # and with uniform_groups="zero" a group whose base rewards are all equal, gets 0.
-    mean = shaped.mean(dim=1, keepdim=True)
+    # The mean is shifted by the first value, so that equal shaped rewards give deviations of
+    # exactly 0 in float32 too (an ulp off, divided by std + eps, would be blown up).
+    first = shaped[:, :1]
+    mean = first + (shaped - first).mean(dim=1, keepdim=True)
     centred = shaped - mean
     if G == 1:
         adv = torch.zeros_like(shaped)
     elif scale_advantages:
-        den = torch.clamp(shaped.std(dim=1, keepdim=True) + eps, min=std_floor)
+        std = torch.sqrt(centred.square().sum(dim=1, keepdim=True) / (G - 1))
+        den = torch.clamp(std + eps, min=std_floor)
         adv = torch.where(den > 0, centred / torch.where(den > 0, den, 1.0), 0.0)
     else:
         adv = centred
