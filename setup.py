@@ -65,6 +65,10 @@ def find_nvcc() -> str | None:
     def newest_first(home: Path) -> list[int]:
         return [-int(x) for x in re.findall(r"\d+", home.name)]
 
+    if explicit and not (Path(explicit) / "bin" / "nvcc").is_file():
+        print(f"WARNING: g2rl: CUDA_HOME/CUDA_PATH={explicit} has no bin/nvcc (a runtime-only "
+              f"CUDA?); looking in /usr/local/cuda* and on the PATH instead", file=sys.stderr)
+        explicit = None
     candidates = [explicit] if explicit else [
         "/usr/local/cuda", *sorted(Path("/usr/local").glob("cuda-*"), key=newest_first),
     ]

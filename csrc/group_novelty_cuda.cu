@@ -221,6 +221,30 @@ cudaError_t launch(const Args& a, int device, cudaStream_t stream, const char** 
   return cudaGetLastError();
 }
 
+// Makes `device` current for the scope and restores the caller's device on exit (torch and this
+// statically linked runtime share the driver's current context: leaving it switched would move
+// the caller's next allocation to another GPU). Clears a stale error of an earlier call first,
+// so that cudaGetLastError after a launch reports this call's error only.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    (void)cudaGetLastError();
+    if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
+    err_ = (prev_ == device) ? cudaSuccess : cudaSetDevice(device);
+  }
+  ~DeviceScope() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+    (void)cudaGetLastError();  // a failed call must not poison the next (non-sticky errors)
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+  cudaError_t error() const { return err_; }
+
+ private:
+  int prev_ = -1;
+  cudaError_t err_ = cudaSuccess;
+};
+
 }  // namespace
 }  // namespace g2rl
 
@@ -228,7 +252,8 @@ cudaError_t launch(const Args& a, int device, cudaStream_t stream, const char** 
 // returns 0 on success, else a cudaError_t code with err_msg set.
 int g2rl_max_shared_group_size(int device, int64_t* G, const char** err_msg) {
   int bytes = 0;
-  cudaError_t err = cudaSetDevice(device);
+  g2rl::DeviceScope scope(device);
+  cudaError_t err = scope.error();
   if (err == cudaSuccess) err = g2rl::max_dynamic_shared_bytes(device, &bytes);
   if (err != cudaSuccess) {
     *err_msg = cudaGetErrorString(err);
@@ -242,7 +267,8 @@ int g2rl_max_shared_group_size(int device, int64_t* G, const char** err_msg) {
 // for this runtime or the build has no image for the GPU. 0 on success, else a cudaError_t code.
 int g2rl_cuda_probe(int device, const char** err_msg) {
   *err_msg = nullptr;
-  cudaError_t err = cudaSetDevice(device);
+  g2rl::DeviceScope scope(device);
+  cudaError_t err = scope.error();
   if (err == cudaSuccess) {
     cudaFuncAttributes attr;
     err = cudaFuncGetAttributes(&attr, g2rl::group_novelty_kernel<float, false>);
@@ -288,7 +314,8 @@ int g2rl_group_novelty_cuda(int device, uintptr_t stream, uintptr_t feat_ptr, in
   }
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   int* non_finite = reinterpret_cast<int*>(non_finite_ptr);
-  cudaError_t err = cudaSetDevice(device);
+  DeviceScope scope(device);
+  cudaError_t err = scope.error();
   if (err == cudaSuccess) err = cudaMemsetAsync(non_finite, 0, sizeof(int), st);
   if (err == cudaSuccess && B > 0 && G > 0) {
     const Args a{reinterpret_cast<const void*>(feat_ptr), B, G, d, sB, sG, sd,

@@ -119,7 +119,8 @@ def sensitivity_pass(model: torch.nn.Module, batch: PackedBatch, temperature: fl
                      *, features: bool = True) -> g2rl_kernels.SensitivityOutput:
     """Old log-probs (M,), entropies (M,) and, with ``features``, the sequence features
     (N, d) of every response, from one no-grad forward and one ``g2rl_kernels.sensitivity``
-    call."""
+    call. A non-finite hidden state or LM-head row raises :class:`NonFiniteLossError` (the
+    trainer's exit code 1: the run diverged)."""
     hidden = response_hidden(model, batch)
     weight, bias = lm_head(model)
     n = batch.input_ids.shape[0] if features else None
@@ -127,10 +128,15 @@ def sensitivity_pass(model: torch.nn.Module, batch: PackedBatch, temperature: fl
     if features:
         rows = torch.arange(n, device=hidden.device)[:, None]
         seq_index = rows.expand_as(batch.mask)[batch.mask]
-    return g2rl_kernels.sensitivity(
-        hidden, weight, batch.targets[batch.mask], seq_index=seq_index, num_seqs=n, bias=bias,
-        temperature=temperature,
-    )
+    try:
+        return g2rl_kernels.sensitivity(
+            hidden, weight, batch.targets[batch.mask], seq_index=seq_index, num_seqs=n,
+            bias=bias, temperature=temperature,
+        )
+    except ValueError as exc:  # a NaN/inf hidden state or LM-head row: the model diverged
+        if "is not finite" not in str(exc):
+            raise
+        raise NonFiniteLossError(f"the policy's outputs are not finite: {exc}") from exc
 
 
 @torch.no_grad()

@@ -40,6 +40,9 @@ def cuda_backend(device: torch.device | str | int | None = None) -> str:
     """What :func:`group_novelty` runs on CUDA tensors of ``device`` (default: the current
     one): ``"extension"`` (the compiled CUDA kernel) or ``"torch"`` (the float32 PyTorch
     fallback). Decided once per device, at first use, with one warning when it falls back."""
+    if device is None and not torch.cuda.is_available():
+        raise ValueError(f"no CUDA device (torch {torch.__version__}, built for CUDA "
+                         f"{torch.version.cuda}): cuda_backend() needs one")
     device = torch.device("cuda", torch.cuda.current_device()) if device is None else (
         torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
     if device.type != "cuda":

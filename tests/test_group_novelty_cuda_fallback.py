@@ -281,3 +281,27 @@ def test_use_extension_decides_once_and_warns_once(monkeypatch, built):
 def test_cuda_backend_rejects_other_devices():
     with pytest.raises(ValueError, match="must be a CUDA device"):
         cuda_backend("cpu")
+
+
+@no_gpu
+def test_cuda_backend_without_a_gpu_says_so():
+    with pytest.raises(ValueError, match=r"no CUDA device .*cuda_backend\(\) needs one"):
+        cuda_backend()
+
+
+def test_fallback_stays_float32_inside_autocast():
+    """A caller's autocast region (common in training steps) must not run the fallback's Gram
+    in 16 bits (cosine errors of about 1e-3 and a bf16 cosine output)."""
+    feats, rewards = random_inputs(4, 8, 512, torch.float32, "cpu", seed=3)
+    plain = fallback(feats, rewards)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fallback(feats, rewards)
+    for name, a, b in zip(NoveltyOutput._fields, inside, plain, strict=True):
+        assert a.dtype == torch.float32, name
+        assert torch.equal(a, b), name
+
+
+def test_a_built_extension_that_does_not_load_is_named(monkeypatch):
+    monkeypatch.setattr(op, "_cuda_import_error", "undefined symbol: cudaLaunchKernel_v2")
+    msg = op.cuda_fallback_reason(built=False, torch_cuda="12.8")
+    assert "_C_cuda is there but does not load (undefined symbol: cudaLaunchKernel_v2)" in msg

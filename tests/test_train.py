@@ -146,6 +146,21 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, cache, capsys
     assert not metrics.exists() or not metrics.read_text().strip()
 
 
+def test_non_finite_hidden_states_stop_with_exit_code_1(tmp_path, cache, capsys, monkeypatch):
+    """A diverged policy (NaN hidden states in the no-grad sensitivity pass) ends the run like a
+    non-finite loss: exit code 1 and a message, not a traceback."""
+    import g2rl.trainer as trainer_mod
+
+    real = trainer_mod.response_hidden
+    monkeypatch.setattr(trainer_mod, "response_hidden",
+                        lambda model, batch: real(model, batch) * float("nan"))
+    out = tmp_path / "run"
+    rc = main([*TINY, "--cache-dir", cache, "--output-dir", str(out)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "stopped: the policy's outputs are not finite: hidden[0] (token 0" in err, err
+
+
 # ----------------------------------------------------------------------- the step's pieces
 def test_grpo_advantages_hand_values():
     from g2rl.trainer import advantages_for

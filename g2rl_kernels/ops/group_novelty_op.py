@@ -26,6 +26,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MODE_NAMES = ("centered", "eq12")  # index: the mode code of g2rl_kernels.novelty.MODES
 
 _cuda_ext: ModuleType | None | bool = False  # False: not looked up yet
+_cuda_import_error: str | None = None  # why a built _C_cuda did not load
 _use_ext: dict[int, bool] = {}  # per CUDA device index: the extension runs there
 _max_shared_G: dict[int, int] = {}  # per CUDA device index: largest G without scratch
 _warned = False
@@ -48,7 +49,11 @@ def cuda_extension() -> ModuleType | None:
     if _cuda_ext is False:
         try:
             _cuda_ext = importlib.import_module("g2rl_kernels._C_cuda")
-        except ImportError:
+        except ModuleNotFoundError:
+            _cuda_ext = None
+        except ImportError as exc:  # built, but it does not load (a symbol or ABI mismatch)
+            global _cuda_import_error
+            _cuda_import_error = str(exc)
             _cuda_ext = None
     return _cuda_ext  # type: ignore[return-value]
 
@@ -188,7 +193,10 @@ def group_novelty_torch(
     if B * G == 0:
         return _outputs(features)
     bad = (~torch.isfinite(features)).sum() + (~torch.isfinite(rewards)).sum()
-    with _ieee_float32_matmul(features.is_cuda):
+    # float32 throughout, also inside a caller's autocast region (which would run the Gram in
+    # 16 bits: cosine errors of about 1e-3) and without TF32
+    with torch.autocast(features.device.type, enabled=False), \
+            _ieee_float32_matmul(features.is_cuda):
         out = novelty_chain(
             features.to(torch.float32), rewards.to(torch.float32), lam=lam,
             clip=None if math.isinf(clip) else clip, mode=_MODE_NAMES[mode], eps=eps,
@@ -252,7 +260,9 @@ def cuda_fallback_reason(
     rebuild = (f"rebuild it against {toolkit}: `CUDA_HOME={home} {build}pip install -e . "
                "--no-build-isolation` from the repository root (--no-build-isolation lets the "
                "build see torch and pick a matching nvcc itself)")
-    if not built:
+    if not built and _cuda_import_error:
+        why = f"g2rl_kernels._C_cuda is there but does not load ({_cuda_import_error})"
+    elif not built:
         why = ("g2rl_kernels._C_cuda was not built (no nvcc was found when the package was "
                "installed, or G2RL_BUILD_CUDA=0)")
     elif driver_version <= 0:
