@@ -193,9 +193,9 @@ def tolerances(kw: dict, dtypes: list[torch.dtype], ref64: SensitivityOutput,
 
     rounded_g (the Triton paths with a 16-bit W: g_t = e(y_t) - p_t is rounded to W's dtype for
     the tensor-core product g @ W): the token features' tolerance is then elementwise, the
-    float32 one plus twice the bound of that rounding, 2^-7 (|g_t| @ |W|) (the unit roundoff of
-    bfloat16 is 2^-8, of float16 2^-11), never the error of the reference in the 16-bit dtype
-    (which subtracts p_y W[y] from W[y] in 16 bits and is wrong by up to 100% when p_y -> 1).
+    float32 one plus the bound of that rounding (:func:`rounded_g_bound`), never the error of
+    the reference in the 16-bit dtype (which subtracts p_y W[y] from W[y] in 16 bits and is
+    wrong by up to 100% when p_y -> 1).
     """
     errs = {f: 0.0 for f in FIELDS}
     for dt in dtypes:
@@ -222,7 +222,11 @@ def tolerances(kw: dict, dtypes: list[torch.dtype], ref64: SensitivityOutput,
 
 
 def rounded_g_bound(kw: dict) -> torch.Tensor:
-    """(N, d) float64: 2^-7 (|g_t| @ |W|), g_t = e(y_t) - p_t (0 for ignored tokens)."""
+    """(N, d) float64 bound of the error of rounding g_t = e(y_t) - p_t (0 for ignored tokens)
+    to nearest in W's dtype before the product with W: u (|g_t| @ |W|), u the unit roundoff
+    (bfloat16 2^-8, float16 2^-11); float16 also 2^-25 / c_t (1 @ |W|) for the entries of the
+    row, scaled by c_t = 2^-floor(log2 max |g_t|), that fall below its smallest normal number
+    (absolute error at most half its smallest subnormal, 2^-25)."""
     h, w = kw["hidden"].double(), kw["weight"].double()
     logits = h @ w.T
     if kw.get("bias") is not None:
@@ -233,7 +237,12 @@ def rounded_g_bound(kw: dict) -> torch.Tensor:
     rows = torch.nonzero(counted).flatten()
     g[rows, kw["targets"][rows].long()] += 1.0
     g[~counted] = 0.0
-    return 2.0**-7 * (g.abs() @ w.abs())
+    if kw["weight"].dtype == torch.float16:
+        g_max = g.abs().amax(dim=1)
+        scale = torch.where(g_max > 0, torch.exp2(-torch.floor(torch.log2(g_max))), 1.0)
+        tail = 2.0**-25 / scale[:, None] * w.abs().sum(dim=0)[None, :]
+        return 2.0**-11 * (g.abs() @ w.abs()) + tail
+    return 2.0**-8 * (g.abs() @ w.abs())
 
 
 def poisoned(kw: dict, device) -> SensitivityOutput:
@@ -379,6 +388,24 @@ def largest_allocation(fn) -> int:
     return max([e.self_cpu_memory_usage for e in prof.events()] + [0])
 
 
+def peak_live_bytes(fn) -> int:
+    """Peak of the bytes torch holds allocated on the CPU while fn() runs, above what was held
+    before: the profiler's net allocation of each op (its own, without its children's) and its
+    free events outside ops, in time order (a buffer allocated and freed inside one op is not
+    seen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
 # --- bad values: containment with check_values=False (the same rule on every backend) ---
 
 BAD_VALUES = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
@@ -515,13 +542,19 @@ def check_masked_bias(backend: str, dtype: torch.dtype = torch.float32, device: 
     check_outputs(out, ref64, tol, f"{backend} {dtype} {options}: -inf bias entries")
 
 
-def confident_inputs(dtype: torch.dtype, p_target: float, seed: int = 0):
-    """(hidden (20, 64), weight (300, 64), targets (20,)) of ``dtype`` where token 0's target
-    has probability about p_target (p_y -> 1: the cancellation case of the token features)."""
+def confident_inputs(dtype: torch.dtype, p_target: float, seed: int = 0, v: int = 300,
+                     shared_direction: float = 0.0):
+    """(hidden (20, 64), weight (v, 64), targets (20,)) of ``dtype`` where token 0's target
+    has probability about p_target (p_y -> 1: the cancellation case of the token features).
+    ``shared_direction``: every row of W gets this multiple of one common unit vector (LM-head
+    rows share a mean direction: the probability tail sum_v p_v W[v] then does not cancel)."""
     g = torch.Generator().manual_seed(seed)
-    n, v, d = 20, 300, 64
+    n, d = 20, 64
     h = torch.randn(n, d, generator=g)
     w = torch.randn(v, d, generator=g) * (2 / math.sqrt(d))
+    if shared_direction:
+        common = torch.randn(d, generator=g)
+        w += shared_direction * common / common.norm()
     y = torch.randint(0, v, (n,), generator=g)
     u = h[0] / h[0].norm()
     lo, hi = 0.0, 400.0

@@ -28,6 +28,7 @@ from g2rl_kernels import reference
 from g2rl_kernels.novelty import MODES as MODE_CODES
 from g2rl_kernels.novelty import NoveltyOutput, cuda_backend
 from g2rl_kernels.ops import group_novelty_op as op
+from g2rl_kernels.ops.matmul_precision import ieee_float32_matmul
 
 
 def fallback(features, rewards, *, lam=0.5, clip=3.0, mode="centered", eps=1e-6,
@@ -167,10 +168,10 @@ def test_ieee_matmul_context_restores_the_setting():
     try:
         torch.set_float32_matmul_precision("high")  # TF32 allowed
         allowed = getattr(matmul, name)
-        with op._ieee_float32_matmul(True):
+        with ieee_float32_matmul(True):
             assert getattr(matmul, name) in ("ieee", False)
         assert getattr(matmul, name) == allowed
-        with op._ieee_float32_matmul(False):  # CPU tensors: global state untouched
+        with ieee_float32_matmul(False):  # CPU tensors: global state untouched
             assert getattr(matmul, name) == allowed
     finally:  # leave the process as it was for the other tests
         torch.set_float32_matmul_precision(old)

@@ -20,6 +20,7 @@ from _sensitivity_helpers import (
     check_containment,
     check_masked_bias,
     check_weight_containment,
+    confident_inputs,
     containment_inputs,
     largest_allocation,
     run_and_check,
@@ -50,6 +51,19 @@ def test_non_finite_hidden_stays_in_its_token_and_sequence(value, dtype, options
                          ids=["default", "chunk16-vocab64"])
 def test_minus_inf_bias_masks_vocabulary_entries(dtype, options):
     check_masked_bias("torch", dtype, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("p_target", [0.9, 0.999, 0.99999, 0.999999])
+def test_token_features_of_confident_tokens(dtype, p_target):
+    """phi = W[y] - p @ W cancels in float32 when p_y -> 1 (12% error at 1 - p_y = 1e-6); it is
+    computed as (s_o W[y] - e_o @ W) / s with the target column left out of e_o (issue 9)."""
+    h, w, y = confident_inputs(dtype, p_target)
+    out = g2rl_kernels.sensitivity(h, w, y, return_token_features=True, _backend="torch")
+    ref = reference.sensitivity(h.double(), w.double(), y, return_token_features=True)
+    rel = (out.token_features.double() - ref.token_features).norm(dim=1) / \
+        ref.token_features.norm(dim=1)
+    assert float(rel.max()) < 1e-4, rel
 
 
 @pytest.mark.parametrize("options", [{}, {"chunk_size": 70}])

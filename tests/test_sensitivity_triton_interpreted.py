@@ -31,14 +31,15 @@ CASES_FILE = HERE / "_sensitivity_interpreted_cases.py"
 # + test_triton_allocates_no_n_by_v_or_n_by_d; issue 12: containment (values x settings),
 # NaN token weight, check_values and scalars, the sharp-logit cases, the fuzz subset
 # issue 9: the chunked path (cases, containment, allocation, fuzz; both paths for the tied,
-# weight-containment and sharp tests), confident 16-bit tokens (2 paths x 2 dtypes x 4), -inf
-# bias (5), shuffled sequences (2)
+# weight-containment and sharp tests), confident tokens (2 paths x 3 dtypes x 4), -inf bias
+# (5), shuffled sequences (2), the float16 tail (2), bf16 rounding (1), non-contiguous bias (2),
+# autocast (2), one live logits buffer (1), chunk_size < 1 (1)
 EXPECTED_PASSED = (1 + len(INTERPRETED_CASES) + 2 * 2 + 1
                    + len(BAD_VALUES) * len(INTERPRETED_CONTAINMENT) + 2 + 1
                    + 2 * len(INTERPRETED_SHARP_CASES) + 1
                    + len(INTERPRETED_CHUNKED_CASES) + 1 + 1
                    + len(BAD_VALUES) * len(INTERPRETED_CHUNKED_CONTAINMENT)
-                   + 16 + 5 + 2)
+                   + 24 + 5 + 2 + 2 + 1 + 2 + 2 + 1 + 1)
 
 
 def test_triton_kernels_interpreted():

@@ -12,14 +12,14 @@ warning that says why and how to rebuild.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import warnings
-from collections.abc import Iterator
 from types import ModuleType
 
 import torch
+
+from g2rl_kernels.ops.matmul_precision import float32_products
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -195,8 +195,7 @@ def group_novelty_torch(
     bad = (~torch.isfinite(features)).sum() + (~torch.isfinite(rewards)).sum()
     # float32 throughout, also inside a caller's autocast region (which would run the Gram in
     # 16 bits: cosine errors of about 1e-3) and without TF32
-    with torch.autocast(features.device.type, enabled=False), \
-            _ieee_float32_matmul(features.is_cuda):
+    with float32_products(features.device.type, exact_fp32=True):
         out = novelty_chain(
             features.to(torch.float32), rewards.to(torch.float32), lam=lam,
             clip=None if math.isinf(clip) else clip, mode=_MODE_NAMES[mode], eps=eps,
@@ -207,22 +206,6 @@ def group_novelty_torch(
     if count:
         raise _non_finite_error(count, features, rewards)
     return tuple(t.contiguous() for t in out)
-
-
-@contextlib.contextmanager
-def _ieee_float32_matmul(active: bool) -> Iterator[None]:
-    """Full float32 CUDA matmuls inside (a TF32 Gram would be off by about 1e-3)."""
-    matmul = torch.backends.cuda.matmul
-    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-    if not active:
-        yield
-        return
-    old = getattr(matmul, name)
-    setattr(matmul, name, "ieee" if name == "fp32_precision" else False)
-    try:
-        yield
-    finally:
-        setattr(matmul, name, old)
 
 
 def version_string(version: int) -> str:

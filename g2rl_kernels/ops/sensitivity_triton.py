@@ -31,6 +31,7 @@ without recompiling.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -93,7 +94,9 @@ def _lse_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Online (m, s, u, z_y) of one token block over one V split -> part (4, splits, N)."""
+    """Online (m, s, u, z_y, s_o) of one token block over one V split -> part (5, splits, N);
+    s_o = sum of exp(z - m) over the columns other than the target: 1 - p_y = s_o / s without
+    the cancellation of 1 - exp(z_y - lse) when p_y -> 1."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -103,6 +106,7 @@ def _lse_kernel(
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    so = tl.zeros((BLOCK_N,), dtype=tl.float32)
     v_begin = pid_s * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -123,7 +127,9 @@ def _lse_kernel(
         u = alpha * (u + s * shift) + tl.sum(ezs, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        is_y = offs_v[None, :] == y[:, None]
+        so = alpha * so + tl.sum(tl.where(is_y, 0.0, e), axis=1)
+        zy += tl.sum(tl.where(is_y, z, 0.0), axis=1)
     row_ok = offs_n < N
     stride_part = num_splits * N
     base = part_ptr + pid_s * N + offs_n
@@ -131,6 +137,7 @@ def _lse_kernel(
     tl.store(base + stride_part, s, mask=row_ok)
     tl.store(base + 2 * stride_part, u, mask=row_ok)
     tl.store(base + 3 * stride_part, zy, mask=row_ok)
+    tl.store(base + 4 * stride_part, so, mask=row_ok)
 
 
 @triton.jit
@@ -154,12 +161,13 @@ def _segment_reduce(
 
 @triton.jit(do_not_specialize=["N"])
 def _pool_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, a_ptr, seq_ptr, order_ptr, r_ptr, N, V, D,
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, gy_ptr, a_ptr, seq_ptr, order_ptr, r_ptr, N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, num_n_blocks, num_v_tiles,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """r[seq_t] += a~_t (e(y_t) - p_t) for one (token block, V tile).
+    """r[seq_t] += a~_t (e(y_t) - p_t) for one (token block, V tile); the target's entry is
+    gy_t = 1 - p_y from the lse pass.
 
     Token blocks are taken in ``order`` (the tokens sorted by sequence), so that a block holds
     one or two sequences whatever the layout of seq_index.
@@ -188,9 +196,10 @@ def _pool_kernel(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd,
             stride_wv, stride_wd, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
         )
+        gy = tl.load(gy_ptr + offs_n, mask=row_ok, other=0.0)
         p = tl.exp(z - lse[:, None])  # 0 on -inf logits and the -inf tail
-        onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
-        val = tl.where(valid[:, None], a[:, None] * (onehot - p), 0.0)  # no 0 * inf
+        g = tl.where(offs_v[None, :] == y[:, None], gy[:, None], -p)
+        val = tl.where(valid[:, None], a[:, None] * g, 0.0)  # no 0 * inf
         _segment_reduce(val, r_ptr, seq, valid, offs_v, V)
 
 
@@ -224,19 +233,33 @@ def _seq_matmul_kernel(
     tl.store(out, acc, mask=(offs_s[:, None] < S) & (offs_d[None, :] < D))
 
 
+@triton.jit
+def _round_bf16_rne(x):
+    """float32 -> the nearest bfloat16 value (ties to even), kept in float32: what the GPU's
+    cvt.rn.bf16.f32 gives. The interpreter's own float32 -> bfloat16 cast truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["N"])
 def _token_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, out_ptr, N, V, D,
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, gy_ptr, gscale_ptr, out_ptr, N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_G: tl.constexpr,
+    SCALE_G: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     """out[t] += g_t @ W with g_t = e(y_t) - p_t (0 for ignored tokens), out (N, D) zeroed.
 
-    g is formed in float32, so the coefficient 1 - p_y of W[y] is exact even when p_y -> 1;
-    with 16-bit W (``ROUND_G``) g is then rounded to W's dtype for the tensor-core dot (relative
-    error 2^-8 (bf16) or 2^-11 (fp16) per entry of g, not of W[y]). Under the interpreter
-    ``UPCAST`` computes the same rounded products in float32.
+    g is formed in float32 with its target entry gy_t = 1 - p_y from the lse pass (no
+    cancellation when p_y -> 1); with 16-bit W (``ROUND_G``) g is then rounded to nearest in
+    W's dtype for the tensor-core dot (relative error 2^-8 (bf16) or 2^-11 (fp16) per entry of
+    g, not of W[y]). float16 (``SCALE_G``): each row of g is first multiplied by the power of
+    two gscale_t that brings its largest entry to [1, 2), so that the probability tail is not
+    flushed to zero (float16 has no exponent range below 6e-8), and the product divided by it.
+    Under the interpreter ``UPCAST`` computes the same rounded products in float32
+    (``EMULATE_RNE``: bf16 rounding by bit operations).
     """
     pid_n = tl.program_id(0)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -244,6 +267,9 @@ def _token_kernel(
     y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
     counted = row_ok & (y >= 0)
     lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+    gy = tl.load(gy_ptr + offs_n, mask=row_ok, other=0.0)
+    if SCALE_G:
+        gscale = tl.load(gscale_ptr + offs_n, mask=row_ok, other=1.0)
     offs_d0 = tl.arange(0, BLOCK_D)
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -252,8 +278,18 @@ def _token_kernel(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd,
             stride_wv, stride_wd, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
         )
-        onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
-        g = tl.where(counted[:, None], onehot - tl.exp(z - lse[:, None]), 0.0)
+        g = tl.where(offs_v[None, :] == y[:, None], gy[:, None], -tl.exp(z - lse[:, None]))
+        g = tl.where(counted[:, None], g, 0.0)
+        if SCALE_G:
+            g = g * gscale[:, None]
+        gd = g
+        if ROUND_G:  # 16-bit W: the tensor cores multiply g rounded to nearest in W's dtype
+            if EMULATE_RNE:
+                gd = _round_bf16_rne(g)
+            else:
+                gd = g.to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+                if UPCAST:
+                    gd = gd.to(tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = (d0 + offs_d0).to(tl.int64)
             d_ok = offs_d < D
@@ -261,13 +297,11 @@ def _token_kernel(
                 w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0,
             )
-            gd = g
-            if ROUND_G:  # 16-bit W: the tensor cores multiply g rounded (to nearest) to W's dtype
-                gd = g.to(w.dtype, fp_downcast_rounding="rtne")
             if UPCAST:
-                gd = gd.to(tl.float32)
                 w = w.to(tl.float32)
             pw = tl.dot(gd, w, input_precision=PRECISION)
+            if SCALE_G:
+                pw = pw / gscale[:, None]  # a power of two: exact
             o_ptrs = out_ptr + offs_n[:, None] * D + offs_d[None, :]
             o_mask = row_ok[:, None] & d_ok[None, :]
             tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) + pw, mask=o_mask)
@@ -307,15 +341,30 @@ def _config(kernel: str, n: int, v: int, d: int, fp32: bool, interp: bool,
     return sizes, dict(num_warps=warps, num_stages=stages)
 
 
-def _merge_splits(part: torch.Tensor, counted: torch.Tensor, logprobs, entropy, lse) -> None:
-    """Merge the per-split online accumulators part (4, splits, N) into the outputs."""
-    m, s, u, zy = part.unbind(0)  # (splits, N) each
+def row_scale(g_max: torch.Tensor) -> torch.Tensor:
+    """2^-floor(log2 g_max) where 0 < g_max < inf, at most 2^100 (finite in float32 and
+    enough to lift any g_max above 2^-100), else 1 (NaN stays NaN).
+
+    With g_max = gy = 1 - p_y = max_v |g_tv| (every other entry is -p_v, and p_v <= the sum
+    of them, which is gy): scaling a row of g by it before rounding to float16 brings its
+    largest entry to [1, 2) and keeps its small probabilities above float16's underflow."""
+    ok = (g_max > 0) & (g_max < math.inf)
+    exponent = torch.clamp(-torch.floor(torch.log2(g_max)), max=100.0)
+    return torch.where(ok, torch.exp2(exponent), torch.where(torch.isnan(g_max), g_max, 1.0))
+
+
+def _merge_splits(part: torch.Tensor, counted: torch.Tensor, logprobs, entropy, lse,
+                  gy: torch.Tensor) -> None:
+    """Merge the per-split online accumulators part (5, splits, N) into the outputs and gy
+    (N,) = 1 - p_y = s_o / s (0 for ignored tokens)."""
+    m, s, u, zy, so = part.unbind(0)  # (splits, N) each
     mm = m.amax(dim=0)  # (N,); -inf only if a row's logits are all -inf (refused by the checks)
     scale = torch.exp(m - mm)  # 0 for a split whose logits are all -inf (m = -inf, s = 0)
     s_tot = (s * scale).sum(dim=0)
     # s * (m - mm) would be 0 * -inf for such a split
     u_tot = (scale * (u + torch.where(s > 0, s * (m - mm), 0.0))).sum(dim=0)
     log_s = s_tot.log()
+    gy.copy_(torch.where(counted, (so * scale).sum(dim=0) / s_tot, 0.0))
     lse.copy_(mm + log_s)
     logprobs.copy_(torch.where(counted, zy.sum(dim=0) - lse, 0.0))
     entropy.copy_(torch.where(counted, log_s - u_tot / s_tot, 0.0))
@@ -361,7 +410,8 @@ def sensitivity_triton(
     precision = fp32_precision if fp32 else "ieee"
     counted = targets != ignore_index
     y = torch.where(counted, targets, -1).to(torch.int64)  # -1 never matches a column
-    b_arg = bias if bias is not None else hidden  # dummy pointer when there is no bias
+    # the kernels read the bias with unit stride; a dummy pointer when there is no bias
+    b_arg = bias.contiguous() if bias is not None else hidden
     args = (n, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             1.0 / temperature)
     flags = dict(HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision)
@@ -384,17 +434,21 @@ def sensitivity_triton(
         num_splits = max(1, min(int(num_splits), v_tiles))
         tiles_per_split = triton.cdiv(v_tiles, num_splits)
         num_splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
-        part = torch.empty(4, num_splits, n, dtype=torch.float32, device=hidden.device)
+        part = torch.empty(5, num_splits, n, dtype=torch.float32, device=hidden.device)
         _lse_kernel[(n_blocks, num_splits)](
             hidden, weight, b_arg, y, part, *args, tiles_per_split, **flags, **sizes, **launch,
         )
-        _merge_splits(part, counted, logprobs, entropy, lse)
+        gy = torch.empty(n, dtype=torch.float32, device=hidden.device)  # 1 - p_y
+        _merge_splits(part, counted, logprobs, entropy, lse, gy)
         if token_features is not None:
             sizes, launch = config("token")
             token_features.zero_()
+            fp16 = weight.dtype == torch.float16
+            gscale = row_scale(gy) if fp16 else gy  # (a dummy pointer if unused)
             _token_kernel[(triton.cdiv(n, sizes["BLOCK_N"]),)](
-                hidden, weight, b_arg, y, lse, token_features, *args,
-                **flags, ROUND_G=not fp32, **sizes, **launch,
+                hidden, weight, b_arg, y, lse, gy, gscale, token_features, *args,
+                **flags, ROUND_G=not fp32, SCALE_G=fp16,
+                EMULATE_RNE=upcast and weight.dtype == torch.bfloat16, **sizes, **launch,
             )
         if seq_features is not None:
             num_seqs = seq_features.shape[0]
@@ -407,7 +461,7 @@ def sensitivity_triton(
             v_tiles = triton.cdiv(v, sizes["BLOCK_V"])
             if num_seqs > 0:
                 _pool_kernel[(n_blocks * v_tiles,)](
-                    hidden, weight, b_arg, y, lse, a, seq, order, r, *args, n_blocks, v_tiles,
+                    hidden, weight, b_arg, y, lse, gy, a, seq, order, r, *args, n_blocks, v_tiles,
                     **flags, GROUP=8, **sizes, **launch,
                 )
             seq_matmul(r, weight, seq_features, interp, fp32_precision)
