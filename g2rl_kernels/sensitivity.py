@@ -109,7 +109,7 @@ def sensitivity(
             into a float32 buffer of at most 1 GiB, then Triton kernels over it: about
             2 N V d flops at GEMM rate), "fused" (no logits buffer: two Triton passes that
             recompute the logits, about 4 N V d flops), or "auto" (chunked; fused where this
-            torch lacks ``torch.mm(..., out_dtype=)`` for 16-bit inputs). On CPU tensors
+            torch does not run ``torch.mm(..., out_dtype=)`` for 16-bit inputs). On CPU tensors
             "auto" and "chunked" run the chunked PyTorch path; "fused" needs CUDA (or the
             interpreter with ``_backend="triton"``).
         _backend: testing hook: "auto" (CUDA -> Triton, CPU -> torch), "torch" or "triton"
@@ -198,9 +198,9 @@ def _pick_impl(impl: str, backend: str, hidden: torch.Tensor) -> str:
     if impl == "auto":
         if hidden.dtype == torch.float32 or not hidden.is_cuda:
             return "chunked"
-        from g2rl_kernels.ops.sensitivity_chunked_triton import out_dtype_gemm_supported
+        from g2rl_kernels.ops.sensitivity_chunked_triton import out_dtype_gemm_works
 
-        return "chunked" if out_dtype_gemm_supported() else "fused"
+        return "chunked" if out_dtype_gemm_works(hidden.device, hidden.dtype) else "fused"
     return impl
 
 

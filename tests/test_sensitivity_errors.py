@@ -132,3 +132,30 @@ PH, PY, PM = torch.randn(B, T, D), torch.randint(0, V, (B, T)), torch.ones(B, T,
 def test_sequence_features_bad_arguments(impl, args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         impl(*args, **kwargs)
+
+
+def test_impl_argument():
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'chunked', 'fused'\)"):
+        g2rl_kernels.sensitivity(H, W, Y, impl="cublas")
+    with pytest.raises(ValueError, match="impl='fused' is the Triton path: it needs CUDA"):
+        g2rl_kernels.sensitivity(H, W, Y, impl="fused")
+    for impl in ("auto", "chunked"):  # the CPU path
+        out = g2rl_kernels.sensitivity(H, W, Y, impl=impl)
+        assert out.logprobs.shape == Y.shape
+
+
+def test_out_dtype_gemm_probe_is_cached_and_catches_a_refusal():
+    """impl="auto" on CUDA asks whether torch.mm(..., out_dtype=float32) runs for 16-bit
+    inputs there; a build that has the overload but refuses it must give False, not raise."""
+    from g2rl_kernels.ops import sensitivity_chunked_triton as chunked
+
+    pytest.importorskip("triton")
+    cpu = torch.device("cpu")
+    a = torch.zeros(16, 16, dtype=torch.bfloat16)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+        runs = True
+    except (RuntimeError, NotImplementedError, TypeError):
+        runs = False
+    assert chunked.out_dtype_gemm_works(cpu, torch.bfloat16) is runs
+    assert (str(cpu), torch.bfloat16) in chunked._OUT_DTYPE_GEMM

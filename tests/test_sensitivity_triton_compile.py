@@ -81,7 +81,7 @@ if _missing_hooks:  # pragma: no cover
 
 IMPL_PARAM = "impl" in inspect.signature(g2rl_kernels.sensitivity).parameters
 IMPLS = ("fused", "chunked") if IMPL_PARAM else (None,)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEVICES = {"sm80": A100, "sm90": H100}
 
 
@@ -102,7 +102,8 @@ class Shape:
 # (V, N not multiples of 16: no divisibility, V tiles few enough for one tile per split)
 SHAPES = (
     Shape("qwen-d896", n=4096, v=151936, d=896, bias=False, token_features=True),
-    Shape("qwen-d2048-bias", n=1024, v=151936, d=2048, bias=True, token_features=False),
+    Shape("qwen-d2048-bias", n=1024, v=151936, d=2048, bias=True, token_features=False,
+          num_seqs=128),  # many sequences: seq_matmul with BLOCK_S = 64
     Shape("awkward", n=1000, v=1001, d=896, bias=True, token_features=True, num_seqs=7),
 )
 # d not a multiple of 16: rows of h and W are not 16-byte aligned, D and the row strides get no

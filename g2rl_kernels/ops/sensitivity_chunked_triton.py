@@ -144,10 +144,25 @@ GPU_CONFIGS = {"stats": (4, 1024, 4), "grad": (64, 64, 8)}
 INTERPRETER_CONFIGS = {"stats": (128, 1024, 4), "grad": (128, 1024, 4)}
 
 
-def out_dtype_gemm_supported() -> bool:
-    """Whether this torch has ``torch.mm(a, b, out_dtype=torch.float32)`` (16-bit inputs,
-    float32 output: torch >= 2.8 on CUDA); without it ``impl="auto"`` picks "fused"."""
-    return hasattr(torch.ops.aten.mm, "dtype")
+_OUT_DTYPE_GEMM: dict = {}  # (device, dtype) -> whether torch.mm(..., out_dtype=) runs there
+
+
+def out_dtype_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` inputs on
+    ``device`` (torch >= 2.8 on CUDA; some builds have the overload but refuse it, e.g. ROCm or
+    TunableOp). Tried once per (device, dtype) on a 16 x 16 product (no host synchronisation:
+    a refusal is raised when the call is dispatched); without it ``impl="auto"`` is "fused"."""
+    key = (str(device), dtype)
+    if key not in _OUT_DTYPE_GEMM:
+        ok = hasattr(torch.ops.aten.mm, "dtype")
+        if ok:
+            try:
+                a = torch.zeros(16, 16, dtype=dtype, device=device)
+                torch.mm(a, a, out_dtype=torch.float32)
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _OUT_DTYPE_GEMM[key] = ok
+    return _OUT_DTYPE_GEMM[key]
 
 
 def gemm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -214,10 +229,12 @@ def sensitivity_chunked_triton(
     interp = interpreted()
     if not interp and not _launch_device_ok(hidden):
         raise RuntimeError("the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
-    if not (hidden.dtype == torch.float32 or not hidden.is_cuda or out_dtype_gemm_supported()):
+    if (hidden.dtype != torch.float32 and hidden.is_cuda
+            and not out_dtype_gemm_works(hidden.device, hidden.dtype)):
         raise RuntimeError(
-            f"impl='chunked' with {hidden.dtype} needs torch.mm(..., out_dtype=torch.float32) "
-            f"(torch >= 2.8 on CUDA; this is torch {torch.__version__}); use impl='fused'"
+            f"impl='chunked' with {hidden.dtype} needs torch.mm(..., out_dtype=torch.float32), "
+            f"which this torch ({torch.__version__}) does not run on {hidden.device}; use "
+            f"impl='fused' (impl='auto' picks it there)"
         )
     if n == 0:
         if seq_features is not None:
