@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,30 @@ def test_cuda_extension_built_where_nvcc_is_found():
     """With the default G2RL_BUILD_CUDA=auto, `pip install -e .` built g2rl_kernels._C_cuda."""
     assert g2rl_kernels.cuda_available()
     assert group_novelty_op.cuda_extension().max_group_size >= 1024
+
+
+@pytest.mark.parametrize("mode, builds", [("auto", True), ("1", False)])
+def test_a_failing_nvcc_costs_only_the_cuda_part(tmp_path, mode, builds):
+    """An nvcc that cannot compile (e.g. an older toolkit beside a newer host compiler): with
+    G2RL_BUILD_CUDA=auto the CPU extension is still built and the install goes on; with 1 the
+    build fails."""
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'release 13.0' && exit 0\n"
+                    "echo 'nvcc: unsupported host compiler' >&2; exit 1\n")
+    nvcc.chmod(0o755)
+    env = {**os.environ, "CUDA_HOME": str(home), "G2RL_BUILD_CUDA": mode}
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "lib"),
+         "-t", str(tmp_path / "tmp")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    built = sorted(p.name.split(".")[0] for p in (tmp_path / "lib").rglob("_C*.so"))
+    if builds:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "nvcc failed" in proc.stderr and "building without the CUDA part" in proc.stderr
+        assert built == ["_C"]
+    else:
+        assert proc.returncode != 0
+        assert "_C_cuda" not in built
