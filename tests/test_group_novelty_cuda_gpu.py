@@ -68,8 +68,9 @@ def test_scratch_path_is_bit_identical_to_shared_path(monkeypatch, G, dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)  # each dtype's kernel has its own opt-in
 @pytest.mark.parametrize("where", ["above 48 KiB", "above the opt-in limit"])
-def test_large_groups_match_float64(where):
+def test_large_groups_match_float64(where, dtype):
     """G past the 48 KiB default (opt-in attribute set) and past the device's opt-in limit
     (global scratch): the kernel claims every G, so it must compute every G."""
     if not _ext_runs():
@@ -78,7 +79,7 @@ def test_large_groups_match_float64(where):
     G = 48 * 1024 // 20 + 7 if where == "above 48 KiB" else limit + 1
     assert (G <= limit) == (where == "above 48 KiB")
     seed = int.from_bytes(os.urandom(4), "little")
-    feats, rewards = random_inputs(1, G, 16, torch.float32, "cuda", seed)
+    feats, rewards = random_inputs(1, G, 16, dtype, "cuda", seed)
     out = g2rl_kernels.group_novelty(feats, rewards)
     ref = reference.group_novelty(feats.double(), rewards.double())  # float64 on the GPU
     ref = type(ref)(*(t.cpu() for t in ref))
