@@ -170,15 +170,33 @@ def sensitivity_call(inputs: SensInputs, impl: str, *, interpreted: bool = False
 # ----------------------------------------------------------------------------- timing
 
 
-class Timer:
-    """Seconds of one call: CUDA events on a CUDA device, perf_counter on the CPU."""
+class KernelHang(RuntimeError):
+    """A GPU call did not finish within its deadline: the device cannot be used any more."""
 
-    def __init__(self, device: torch.device):
+
+class Timer:
+    """Seconds of one call: CUDA events on a CUDA device, perf_counter on the CPU.
+
+    On CUDA the wait polls the end event with a deadline (``deadline_s``) instead of blocking
+    in the driver, so a hung kernel raises :class:`KernelHang` (and the report can be saved)
+    rather than stalling until the process is killed."""
+
+    def __init__(self, device: torch.device, deadline_s: float = 120.0):
         self.cuda = device.type == "cuda"
+        self.deadline_s = deadline_s
+
+    def _wait(self, event) -> None:
+        t0 = time.perf_counter()
+        while not event.query():
+            if time.perf_counter() - t0 > self.deadline_s:
+                raise KernelHang(f"a GPU call ran past {self.deadline_s:.0f} s")
+            time.sleep(1e-4)
 
     def sync(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
+            done = torch.cuda.Event()
+            done.record()
+            self._wait(done)
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         if not self.cuda:
@@ -190,7 +208,7 @@ class Timer:
         start.record()
         fn()
         end.record()
-        end.synchronize()
+        self._wait(end)
         return start.elapsed_time(end) / 1e3
 
 

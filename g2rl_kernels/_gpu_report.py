@@ -4,9 +4,12 @@ outputs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -101,27 +104,40 @@ def run_gpu_tests(out_dir: Path, timeout_s: float, tests_dir: Path | None = None
     files = sorted({str(p) for pat in patterns for p in tests_dir.glob(pat)})
     if not files:
         return {"status": "skipped", "reason": f"no test files matching {patterns} in {tests_dir}"}
-    xml = out_dir / "gpu_tests_junit.xml"
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "skipped", "reason": "pytest is not installed here"}
+    # absolute (pytest runs from the repository root) and fresh (no stale file of a former run)
+    xml = (out_dir / "gpu_tests_junit.xml").resolve()
+    xml.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", *files, "-k", selection, "-q", "-p",
-           "no:cacheprovider", f"--junitxml={xml}"]
+           "no:cacheprovider", f"--junitxml={xml}", "--durations=15"]
     result: dict = {"command": " ".join(cmd), "timeout_s": timeout_s}
     t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=tests_dir.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
-        proc = subprocess.run(cmd, cwd=tests_dir.parent, capture_output=True, text=True,
-                              timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stdout or b"")[-3000:]
-        result.update(status="timeout", reason=f"pytest ran past {timeout_s:.0f} s",
-                      seconds=time.perf_counter() - t0,
-                      output_tail=tail.decode(errors="replace") if isinstance(tail, bytes)
-                      else tail)
-        return result
+        out, _ = proc.communicate(timeout=timeout_s)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        # SIGINT: pytest stops, reports what ran and writes its JUnit XML (a kill would not)
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        timed_out = True
     result.update(seconds=time.perf_counter() - t0, returncode=proc.returncode,
-                  output_tail=(proc.stdout + proc.stderr)[-3000:])
+                  output_tail=(out or "")[-3000:])
+    if xml.is_file():
+        result.update(parse_junit(xml))
+    if timed_out:
+        result.update(status="timeout", reason=f"pytest ran past {timeout_s:.0f} s; the counts "
+                                               "are of the tests that ran")
+        return result
     if not xml.is_file():
         result.update(status="error", reason="pytest wrote no JUnit XML")
         return result
-    result.update(parse_junit(xml))
     bad = result["failed"] + result["errors"]
     result["status"] = "failed" if bad or proc.returncode not in (0, 5) else "passed"
     return result
@@ -148,8 +164,23 @@ def parse_junit(path: Path) -> dict:
 # ----------------------------------------------------------------------------- outputs
 
 
+def _finite(x):
+    """NaN and infinities as strings (strict JSON parsers refuse them as numbers)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_json(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    """Strict JSON (NaN/inf as strings), written to a temporary file and renamed: a run killed
+    while writing leaves the previous report, not half of one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_finite(report), indent=1, default=str, allow_nan=False) + "\n")
+    tmp.replace(path)
 
 
 def _ms(x: float | None) -> str:
@@ -229,8 +260,13 @@ def render_markdown(report: dict) -> str:
 def _tests_line(tests: dict) -> str:
     if not tests:
         return "not run"
-    if tests.get("status") in ("skipped", "timeout", "error"):
-        return f"{tests['status']}: {tests.get('reason', '')}".rstrip(": ")
+    counts = ""
+    if "passed" in tests:
+        counts = (f"{tests['passed']} passed, {tests['failed']} failed, {tests['errors']} "
+                  f"errors, {tests['skipped']} skipped")
+    if tests.get("status") in ("skipped", "timeout", "error", "running"):
+        line = f"{tests['status']}: {tests.get('reason', '')}".rstrip(": ")
+        return f"{line} ({counts})" if counts else line
     return (f"{tests['status']}: {tests['passed']} passed, {tests['failed']} failed, "
             f"{tests['errors']} errors, {tests['skipped']} skipped "
             f"({tests.get('seconds', 0):.0f} s)")

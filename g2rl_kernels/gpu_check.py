@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class RowSpec:
     make: Callable[[Any, SpotFn], Made]
     need_bytes: int | None = None  # memory the row needs above the inputs, if known
     reps: int | None = None  # fixed number of timed runs (else adaptive)
+    warmup_s: float = 0.0  # keep calling for this long before timing (clocks up, steady state)
 
 
 @dataclass
@@ -152,9 +154,11 @@ def roof_config(device: torch.device, size: int) -> ConfigSpec:
             a, b = x[dtype]
             return (lambda: torch.mm(a, b)), None, ""
 
+        # warmed up for half a second and timed over 50 runs: a short cold burst after the
+        # idle test phase would measure the clocks ramping up, not the roof
         return RowSpec(f"{dtype} GEMM roof (torch.mm {size}^3)", "gemm",
                        {"dtype": dtype, "size": size, "impl": "torch.mm"},
-                       gb.flops("gemm", size, size, size), make, reps=10)
+                       gb.flops("gemm", size, size, size), make, reps=50, warmup_s=0.5)
 
     def build():
         gen = torch.Generator(device=device).manual_seed(0)
@@ -198,13 +202,16 @@ class Runner:
     """Runs the rows of a plan within the time budget and records one dict per row."""
 
     def __init__(self, device: torch.device, budget_s: float, max_reps: int, row_time_s: float,
-                 start: float, log: Callable[[str], None] = log_line):
+                 start: float, log: Callable[[str], None] = log_line,
+                 on_record: Callable[[], None] | None = None):
         self.device, self.budget_s, self.max_reps = device, budget_s, max_reps
         self.row_time_s, self.start, self.log = row_time_s, start, log
+        self.on_record = on_record  # called after every recorded row (the report is saved)
         self.timer = gb.Timer(device)
         self.rates: dict[str, float] = {}  # dtype -> measured GEMM flop/s
         self.rows: list[dict] = []
         self.total = 0
+        self.lost: str | None = None  # why the device cannot be used any more
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -219,11 +226,30 @@ class Runner:
 
     def _free(self) -> None:
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if self.device.type == "cuda" and self.lost is None:
+            try:
+                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - a sticky CUDA error: the context is lost
+                self.lost = f"CUDA context lost ({e!r})"[:300]
+
+    def _check_alive(self, row: str) -> None:
+        """After a failed row: is the device still usable? (An illegal memory access or a
+        device-side assert makes every later CUDA call fail.)"""
+        if self.device.type != "cuda" or self.lost is not None:
+            return
+        try:
+            self.timer.sync()
+        except gb.KernelHang:
+            self.lost = f"a GPU call of {row} did not finish"
+        except Exception as e:  # noqa: BLE001
+            self.lost = f"CUDA context lost after {row} ({e!r})"[:300]
 
     def run_config(self, config: ConfigSpec) -> None:
         inputs, spots = None, {}
+        if self.lost is not None:
+            for spec in config.rows:
+                self.record(spec, config, status="error", reason=f"not run: {self.lost}")
+            return
         try:
             if self.elapsed() < self.budget_s:
                 inputs = config.build()
@@ -253,11 +279,17 @@ class Runner:
                "time_vs_logprob_only": None, "check": None, **fields}
         self.rows.append(row)
         self._progress(row)
+        if self.on_record is not None:
+            self.on_record()
         return row
 
     def run_row(self, spec: RowSpec, config: ConfigSpec, inputs: Any, spot: SpotFn) -> dict:
+        if self.lost is not None:
+            return self.record(spec, config, status="error", reason=f"not run: {self.lost}")
         left = self.budget_s - self.elapsed()
         predicted = self.predicted_s(spec)
+        # a call that takes 20x its pessimistic prediction (at least 2 minutes) has hung
+        self.timer.deadline_s = max(120.0, 20 * predicted) if predicted else 120.0
         if inputs is None or left <= 0 or (predicted is not None and predicted > left):
             why = f"time budget: {left:.0f} s of {self.budget_s:.0f} s left"
             if predicted is not None:
@@ -275,6 +307,10 @@ class Runner:
             fields["note"] = note or None
             out = call()  # compile / warm-up; its outputs are the ones checked
             self.timer.sync()
+            warm_end = time.perf_counter() + spec.warmup_s
+            while time.perf_counter() < warm_end:
+                call()
+                self.timer.sync()
             t1 = self.timer(call)
             reps = spec.reps or max(3, min(self.max_reps if t1 > 1e-2 else 50,
                                            int(self.row_time_s / max(t1, 1e-9))))
@@ -291,8 +327,18 @@ class Runner:
                     fields["status"] = "bad_result"
         except gb.Unavailable as e:
             fields.update(status="skipped", reason=f"unavailable: {e}")
+        except gb.KernelHang as e:
+            self.lost = f"{e} in {spec.name} / {config.label}"
+            fields.update(status="error", reason=f"hang: {e}")
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-            fields.update(status="oom" if _is_oom(e) else "error", reason=repr(e)[:500])
+            oom = _is_oom(e)
+            if "out_dtype" in str(e) and spec.meta.get("impl") == "chunked":
+                # this torch has no float32-output 16-bit GEMM: impl="auto" runs fused there
+                fields.update(status="skipped", reason=f"unavailable: {e}"[:500])
+            else:
+                fields.update(status="oom" if oom else "error", reason=repr(e)[:500])
+            if not oom:
+                self._check_alive(f"{spec.name} / {config.label}")
         finally:
             del out
             self._free()
@@ -391,20 +437,28 @@ def run_check(args: argparse.Namespace, log: Callable[[str], None] = log_line) -
         rep.write_json(report, json_path)
         md_path.write_text(rep.render_markdown(report))
 
-    if args.skip_tests:
-        report["tests"] = {"status": "skipped", "reason": "--skip-tests"}
-    else:
-        log(f"[gpu_check] running the GPU tests (at most {args.tests_timeout_s:.0f} s) ...")
-        report["tests"] = rep.run_gpu_tests(out_dir, args.tests_timeout_s)
-        log(f"[gpu_check] GPU tests: {rep._tests_line(report['tests'])}")
-    configs = plan(args, device)
-    runner = Runner(device, args.budget_s, args.reps, args.row_time_s, start, log)
-    runner.total = sum(len(c.rows) for c in configs)
-    report["rows"] = runner.rows
-    for config in configs:
-        runner.run_config(config)
-        save(complete=False)
-    save(complete=True)
+    save(complete=False)  # a report exists from the start: a killed run always leaves one
+    complete = False
+    try:
+        if args.skip_tests:
+            report["tests"] = {"status": "skipped", "reason": "--skip-tests"}
+        else:
+            log(f"[gpu_check] running the GPU tests (at most {args.tests_timeout_s:.0f} s) ...")
+            report["tests"] = {"status": "running"}
+            report["tests"] = rep.run_gpu_tests(out_dir, args.tests_timeout_s)
+            log(f"[gpu_check] GPU tests: {rep._tests_line(report['tests'])}")
+            save(complete=False)
+        configs = plan(args, device)
+        runner = Runner(device, args.budget_s, args.reps, args.row_time_s, start, log,
+                        on_record=lambda: save(complete=False))
+        runner.total = sum(len(c.rows) for c in configs)
+        report["rows"] = runner.rows
+        for config in configs:
+            runner.run_config(config)
+        report["device_lost"] = runner.lost
+        complete = runner.lost is None
+    finally:  # also on Ctrl-C / SIGTERM (see main) and on an unexpected error
+        save(complete=complete)
     log(f"[gpu_check] wrote {json_path} and {md_path}; verdict {report['summary']['verdict']}")
     return report
 
@@ -429,7 +483,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny sizes (the plumbing test)")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="rows that would end past this many seconds are skipped")
-    p.add_argument("--tests-timeout-s", type=float, default=180.0)
+    p.add_argument("--tests-timeout-s", type=float, default=240.0,
+                   help="the GPU tests are interrupted (what ran is counted) after this long")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--reps", type=int, default=7, help="most timed runs of a slow row")
     p.add_argument("--row-time-s", type=float, default=8.0, help="timed seconds per row target")
@@ -465,8 +520,25 @@ def main(argv: list[str] | None = None) -> int:
               f"CUDA {torch.version.cuda}, torch.cuda.is_available() = False): nothing measured. "
               "Run it where a GPU is, or try the plumbing with --device cpu --smoke.")
         return 0
-    report = run_check(args)
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)  # `timeout` sends SIGTERM
+    try:
+        report = run_check(args)
+    except KeyboardInterrupt:
+        print("gpu_check: interrupted; the partial report is written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if report.get("device_lost"):
+        # a hung kernel or a lost context: leave without touching the device again
+        print(f"gpu_check: the device was lost: {report['device_lost']}", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     return 1 if report["summary"]["verdict"] == "FAIL" else 0
+
+
+def _sigterm_to_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -306,3 +306,82 @@ def test_gpu_test_runner_counts_from_junit(tmp_path):
 def test_gpu_test_runner_without_tests_directory(tmp_path):
     res = rep.run_gpu_tests(tmp_path, timeout_s=10, tests_dir=tmp_path / "nowhere")
     assert res["status"] == "skipped" and "no tests directory" in res["reason"]
+
+
+def test_gpu_test_timeout_keeps_the_counts_of_what_ran(tmp_path, monkeypatch):
+    """On its time limit pytest is interrupted (SIGINT), not killed: it still writes its JUnit
+    XML, so the tests that ran are counted. A relative --out works from any directory."""
+    tests = tmp_path / "repo" / "tests"
+    tests.mkdir(parents=True)
+    (tests / "test_sensitivity_slow.py").write_text(textwrap.dedent("""
+        import time
+        def test_cuda_a_quick(): pass
+        def test_cuda_b_slow(): time.sleep(60)
+    """))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "out").mkdir()
+    (elsewhere / "out" / "gpu_tests_junit.xml").write_text("stale")
+    res = rep.run_gpu_tests(Path("out"), timeout_s=8, tests_dir=tests)
+    assert res["status"] == "timeout", res
+    assert res["passed"] == 1, res
+    assert "timeout: pytest ran past 8 s" in rep._tests_line(res)
+
+
+def test_report_is_strict_json_and_written_whole(tmp_path):
+    path = tmp_path / "r.json"
+    rep.write_json({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}},
+                   path)
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "a": "nan", "b": ["inf", 1.5], "c": {"d": "-inf"}}
+    assert not path.with_suffix(".json.tmp").exists()
+
+
+def test_interrupted_run_leaves_a_report_with_every_finished_row(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, which main turns into the same) in the middle of a configuration:
+    the rows finished before it are in the report (it is saved after every row)."""
+    config = gpu_check.sensitivity_config(*gpu_check.SMOKE_SENS[1], torch.device("cpu"),
+                                          headline=False, interp=False)
+
+    def interrupting(x, spot):
+        def call():
+            raise KeyboardInterrupt
+        return call, None, ""
+
+    config.rows.insert(2, gpu_check.RowSpec("interrupted", "chunked", config.rows[0].meta, 1.0,
+                                            interrupting))
+    monkeypatch.setattr(gpu_check, "plan", lambda args, device: [config])
+    out = tmp_path / "out"
+    rc = gpu_check.main(["--device", "cpu", "--smoke", "--skip-tests", "--out", str(out)])
+    assert rc == 130
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [r["name"] for r in report["rows"]] == [r.name for r in config.rows[:2]]
+    assert report["summary"]["verdict"] == "incomplete"
+
+
+def test_a_lost_device_stops_the_remaining_rows(tmp_path, monkeypatch):
+    """After a row whose failure leaves the device unusable (a sticky CUDA error, a hung
+    kernel), the remaining rows are recorded as not run instead of crashing the command."""
+    config = gpu_check.sensitivity_config(*gpu_check.SMOKE_SENS[1], torch.device("cpu"),
+                                          headline=False, interp=False)
+
+    def hanging(x, spot):
+        def call():
+            raise gb.KernelHang("a GPU call ran past 120 s")
+        return call, None, ""
+
+    config.rows.insert(1, gpu_check.RowSpec("hung", "chunked", config.rows[0].meta, 1.0,
+                                            hanging))
+    monkeypatch.setattr(gpu_check, "plan", lambda args, device: [config, config])
+    monkeypatch.setattr(gpu_check.os, "_exit", lambda code: (_ for _ in ()).throw(
+        SystemExit(code)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--device", "cpu", "--smoke", "--skip-tests", "--out", str(out)])
+    assert e.value.code == 1
+    report = json.loads((out / "gpu_check.json").read_text())
+    rows = report["rows"]
+    assert rows[0]["status"] == "ok" and rows[1]["status"] == "error"
+    assert all(r["reason"].startswith("not run: a GPU call ran past") for r in rows[2:])
+    assert len(rows) == 2 * len(config.rows) and report["summary"]["verdict"] == "FAIL"
