@@ -46,23 +46,15 @@ import torch
 
 import g2rl_kernels
 
+# inputs built in place (no temporaries that would inflate the baseline peak RSS); the same
+# construction as python -m g2rl_kernels.gpu_check
+from g2rl_kernels._gpu_bench import make_inputs
+
 CPU_SHAPE = dict(n=4096, num_seqs=16, v=32768, d=512)
 SHARP_SHAPE = dict(n=2048, num_seqs=32, v=32768, d=256)
 HALF_SHAPE = dict(n=1024, num_seqs=32, v=151936, d=896)
 GPU_SHAPE = dict(n=32768, num_seqs=64, v=151936, d=2048)
 _results: dict = {}
-
-
-def make_inputs(n, num_seqs, v, d, dtype=torch.float32, device="cpu", seed=0, logit_std=2.0):
-    """Inputs built in place (no temporaries that would inflate the baseline peak RSS); the
-    logits' std is about ``logit_std``."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    hidden = torch.empty(n, d, dtype=dtype, device=device).normal_(generator=g)
-    weight = torch.empty(v, d, dtype=dtype, device=device).normal_(generator=g)
-    weight.mul_(logit_std / math.sqrt(d))
-    targets = torch.randint(0, v, (n,), generator=g, device=device)
-    seq_index = torch.arange(n, device=device) * num_seqs // n  # contiguous sequences
-    return hidden, weight, targets, seq_index, num_seqs
 
 
 def pooled(hidden, weight, targets, seq_index, num_seqs):

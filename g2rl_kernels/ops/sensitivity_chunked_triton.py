@@ -37,12 +37,12 @@ import triton.language as tl
 
 from g2rl_kernels.ops.matmul_precision import float32_products
 from g2rl_kernels.ops.sensitivity_triton import (
-    _launch_device_ok,
     _segment_reduce,
     interpreted,
+    launch_inputs,
+    pool_inputs,
     row_scale,
     seq_matmul,
-    sequence_order,
 )
 
 LOGITS_BUDGET_BYTES = 1 << 30  # one (C, V) float32 logits buffer (plus C x V 16-bit for g)
@@ -227,8 +227,7 @@ def sensitivity_chunked_triton(
     n, d = hidden.shape
     v = weight.shape[0]
     interp = interpreted()
-    if not interp and not _launch_device_ok(hidden):
-        raise RuntimeError("the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
+    counted, y, b_arg = launch_inputs(hidden, targets, ignore_index, bias)
     if (hidden.dtype != torch.float32 and hidden.is_cuda
             and not out_dtype_gemm_works(hidden.device, hidden.dtype)):
         raise RuntimeError(
@@ -242,19 +241,13 @@ def sensitivity_chunked_triton(
         return
     configs = INTERPRETER_CONFIGS if interp else GPU_CONFIGS
     sizes = {k: dict(blocks or {}).get(k, configs[k][:2]) for k in configs}
-    counted = targets != ignore_index
-    y = torch.where(counted, targets, -1).to(torch.int64)
     pool = seq_features is not None
     # chunks of tokens sorted by sequence: a row block of the grad kernel holds 1-2 sequences
-    order = sequence_order(seq_index) if pool else None
     if pool:
-        r = torch.zeros(seq_features.shape[0], v, dtype=torch.float32, device=hidden.device)
-        a = torch.where(counted, a_norm.float(), 0.0).contiguous()
-        seq = seq_index.to(torch.int32).contiguous()
+        r, a, seq, order = pool_inputs(seq_index, a_norm, counted, seq_features.shape[0], v)
     else:
         r = a = seq = lse  # unused pointers
-    # the kernels read the bias with unit stride; a dummy pointer when there is no bias
-    b_arg = bias.contiguous() if bias is not None else lse
+        order = None
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunk = int(chunk_size) if chunk_size else default_chunk_size(n, v)

@@ -31,6 +31,7 @@ without recompiling.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -399,8 +400,7 @@ def sensitivity_triton(
     n, d = hidden.shape
     v = weight.shape[0]
     interp = interpreted()
-    if not interp and not _launch_device_ok(hidden):
-        raise RuntimeError("the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
+    counted, y, b_arg = launch_inputs(hidden, targets, ignore_index, bias)
     fp32 = hidden.dtype == torch.float32
     upcast = interp and not fp32
     # float32 dots: IEEE in the interpreter, 3xTF32 (float32-accurate) on a GPU; 16-bit inputs
@@ -408,10 +408,6 @@ def sensitivity_triton(
     # argument does not apply to them: "ieee" is the neutral value)
     fp32_precision = "ieee" if interp else "tf32x3"
     precision = fp32_precision if fp32 else "ieee"
-    counted = targets != ignore_index
-    y = torch.where(counted, targets, -1).to(torch.int64)  # -1 never matches a column
-    # the kernels read the bias with unit stride; a dummy pointer when there is no bias
-    b_arg = bias.contiguous() if bias is not None else hidden
     args = (n, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             1.0 / temperature)
     flags = dict(HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision)
@@ -423,7 +419,7 @@ def sensitivity_triton(
         if seq_features is not None:
             seq_features.zero_()
         return
-    with torch.cuda.device(hidden.device) if hidden.is_cuda else _nullctx():
+    with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
         sizes, launch = config("lse")
         n_blocks = triton.cdiv(n, sizes["BLOCK_N"])
         v_tiles = triton.cdiv(v, sizes["BLOCK_V"])
@@ -452,11 +448,8 @@ def sensitivity_triton(
             )
         if seq_features is not None:
             num_seqs = seq_features.shape[0]
-            r = torch.zeros(num_seqs, v, dtype=torch.float32, device=hidden.device)
+            r, a, seq, order = pool_inputs(seq_index, a_norm, counted, num_seqs, v)
             sizes, launch = config("pool")
-            a = torch.where(counted, a_norm.float(), 0.0).contiguous()
-            seq = seq_index.to(torch.int32).contiguous()
-            order = sequence_order(seq_index)
             n_blocks = triton.cdiv(n, sizes["BLOCK_N"])
             v_tiles = triton.cdiv(v, sizes["BLOCK_V"])
             if num_seqs > 0:
@@ -465,6 +458,29 @@ def sensitivity_triton(
                     **flags, GROUP=8, **sizes, **launch,
                 )
             seq_matmul(r, weight, seq_features, interp, fp32_precision)
+
+
+def launch_inputs(hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What both Triton paths launch with, after checking that they may launch on this device:
+    counted (N,) bool, y (N,) int64 targets with -1 for ignored tokens (never a column), and
+    the bias as the kernels read it (unit stride; a dummy pointer when there is none)."""
+    if not interpreted() and not _launch_device_ok(hidden):
+        raise RuntimeError("the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
+    counted = targets != ignore_index
+    y = torch.where(counted, targets, -1).to(torch.int64)
+    return counted, y, bias.contiguous() if bias is not None else hidden
+
+
+def pool_inputs(seq_index: torch.Tensor, a_norm: torch.Tensor, counted: torch.Tensor,
+                num_seqs: int, v: int) -> tuple[torch.Tensor, ...]:
+    """Buffers of the per-sequence reduction of both Triton paths: r (num_seqs, V) float32
+    zeros, a~ (N,) float32 (0 for ignored tokens), seq (N,) int32 and the tokens sorted by
+    sequence (N,) int32."""
+    r = torch.zeros(num_seqs, v, dtype=torch.float32, device=seq_index.device)
+    a = torch.where(counted, a_norm.float(), 0.0).contiguous()
+    seq = seq_index.to(torch.int32).contiguous()
+    return r, a, seq, sequence_order(seq_index)
 
 
 def sequence_order(seq_index: torch.Tensor) -> torch.Tensor:
@@ -496,11 +512,3 @@ def seq_matmul(r: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, interp:
         BLOCK_S=bs, BLOCK_V=bv, BLOCK_D=bd, PRECISION=precision, num_warps=4,
     )
     torch.sum(part, dim=0, out=out)
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
