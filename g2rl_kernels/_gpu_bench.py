@@ -277,12 +277,28 @@ def _tolerances(ref: SensitivityOutput, errs: dict, w_scale: float) -> dict:
     return tol
 
 
+def rounded_g_bound(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, d) float64 bound of the error of rounding g (N, V) float64 (rows e(y_t) - p_t, 0 for
+    ignored tokens) to nearest in the dtype of the 16-bit ``weight`` (V, d) before the product
+    with W: u (|g_t| @ |W|), u the unit roundoff (bfloat16 2^-8, float16 2^-11); float16 also
+    2^-25 / c_t (1 @ |W|) for the entries of the row, scaled by c_t = 2^-floor(log2 max |g_t|),
+    that fall below its smallest normal number (absolute error at most half its smallest
+    subnormal, 2^-25)."""
+    w = weight.double()
+    if weight.dtype == torch.float16:
+        g_max = g.abs().amax(dim=1)
+        scale = torch.where(g_max > 0, torch.exp2(-torch.floor(torch.log2(g_max))), 1.0)
+        tail = 2.0**-25 / scale[:, None] * w.abs().sum(dim=0)[None, :]
+        return 2.0**-11 * (g.abs() @ w.abs()) + tail
+    return 2.0**-8 * (g.abs() @ w.abs())
+
+
 def spot_reference(inputs: SensInputs, pooled: bool, tokens: bool) -> SpotReference:
     """float64 outputs on a slice, with the test suite's tolerances (tests/_sensitivity_helpers
     ``tolerances``, as on CUDA): per field 4 x the worst error plain PyTorch makes in the input
     dtype or float32 on the same (rounded) inputs, plus 1e-5 x (1 + scale) (features: scale
     includes max |W|). Token features with a 16-bit W: the float32 part only, plus the
-    elementwise bound 2^-7 (|g_t| @ |W|) (twice the bf16 unit roundoff) of rounding
+    elementwise bound of rounding (:func:`rounded_g_bound`, as in the tests)
     g_t = e(y_t) - p_t to W's dtype for the tensor-core product (the 16-bit reference
     subtracts p_y W[y] from W[y] in 16 bits: no yardstick). ``tol_strict``: float32's error
     alone (what a path that accumulates in float32 should meet; recorded, not required)."""
@@ -312,7 +328,7 @@ def spot_reference(inputs: SensInputs, pooled: bool, tokens: bool) -> SpotRefere
     if tokens and w.dtype in (torch.bfloat16, torch.float16):
         g = -torch.softmax(h64 @ w64.T, dim=-1)
         g[torch.arange(len(y), device=g.device), y] += 1.0
-        bound = 2.0**-7 * (g.abs() @ w64.abs())
+        bound = rounded_g_bound(g, w)
         tol["token_features"] = tol["token_features"] + bound
         tol_strict["token_features"] = tol_strict["token_features"] + bound
     return SpotReference(idx, seqs, ref, tol, tol_strict)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import g2rl_kernels
-from g2rl_kernels import reference
+from g2rl_kernels import _gpu_bench, reference
 from g2rl_kernels.sensitivity import SensitivityOutput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -223,10 +223,8 @@ def tolerances(kw: dict, dtypes: list[torch.dtype], ref64: SensitivityOutput,
 
 def rounded_g_bound(kw: dict) -> torch.Tensor:
     """(N, d) float64 bound of the error of rounding g_t = e(y_t) - p_t (0 for ignored tokens)
-    to nearest in W's dtype before the product with W: u (|g_t| @ |W|), u the unit roundoff
-    (bfloat16 2^-8, float16 2^-11); float16 also 2^-25 / c_t (1 @ |W|) for the entries of the
-    row, scaled by c_t = 2^-floor(log2 max |g_t|), that fall below its smallest normal number
-    (absolute error at most half its smallest subnormal, 2^-25)."""
+    to nearest in W's dtype before the product with W (``_gpu_bench.rounded_g_bound``, the
+    bound gpu_check uses too) for the inputs of a ``sensitivity`` call."""
     h, w = kw["hidden"].double(), kw["weight"].double()
     logits = h @ w.T
     if kw.get("bias") is not None:
@@ -237,12 +235,7 @@ def rounded_g_bound(kw: dict) -> torch.Tensor:
     rows = torch.nonzero(counted).flatten()
     g[rows, kw["targets"][rows].long()] += 1.0
     g[~counted] = 0.0
-    if kw["weight"].dtype == torch.float16:
-        g_max = g.abs().amax(dim=1)
-        scale = torch.where(g_max > 0, torch.exp2(-torch.floor(torch.log2(g_max))), 1.0)
-        tail = 2.0**-25 / scale[:, None] * w.abs().sum(dim=0)[None, :]
-        return 2.0**-11 * (g.abs() @ w.abs()) + tail
-    return 2.0**-8 * (g.abs() @ w.abs())
+    return _gpu_bench.rounded_g_bound(g, kw["weight"])
 
 
 def poisoned(kw: dict, device) -> SensitivityOutput:
