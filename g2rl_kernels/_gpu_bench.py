@@ -264,7 +264,11 @@ class SpotReference(NamedTuple):
     tol_strict: dict  # the same from float32's error alone (16-bit inputs: tighter)
 
 
-def _tolerances(ref: SensitivityOutput, errs: dict, w_scale: float) -> dict:
+def field_tolerances(ref: SensitivityOutput, errs: dict, w_scale: float) -> dict:
+    """Absolute tolerance of each present field of ``ref`` (the tests' rule): 4 x ``errs[f]``
+    (the error plain PyTorch makes) plus 1e-5 x (1 + max |value|); for the features the scale
+    is at least max |W| = ``w_scale`` (a feature is a difference of W-sized terms, W[y] - p @ W:
+    float32 cancellation error scales with |W| even where the difference is ~0)."""
     tol: dict = {}
     for f in SENS_FIELDS:
         r = getattr(ref, f)
@@ -324,7 +328,8 @@ def spot_reference(inputs: SensInputs, pooled: bool, tokens: bool) -> SpotRefere
         if f != "token_features":
             errs[f] = max(e[f] for e in by_dtype.values())
     w_scale = float(w.abs().max())
-    tol, tol_strict = _tolerances(ref, errs, w_scale), _tolerances(ref, errs_strict, w_scale)
+    tol = field_tolerances(ref, errs, w_scale)
+    tol_strict = field_tolerances(ref, errs_strict, w_scale)
     if tokens and w.dtype in (torch.bfloat16, torch.float16):
         g = -torch.softmax(h64 @ w64.T, dim=-1)
         g[torch.arange(len(y), device=g.device), y] += 1.0
