@@ -16,6 +16,7 @@ It never stops a run: it prints one warning and sets ``collapse_warning`` in the
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,4 +64,47 @@ class CollapseMonitor:
 
     @property
     def collapsed(self) -> bool:
+        return self.fired_at is not None
+
+
+@dataclass
+class EntropyMonitor:
+    """Divergence warning: the policy's token entropy approaches that of the uniform policy.
+
+    The entropy-bonus baseline (``--method entropy``) diverged to the uniform policy under sparse
+    rewards on every seed of the study (``docs/study.md``, scenario ``sparse``): the mean token
+    entropy climbed to ln V and every held-out metric fell to 0. The monitor fires once when
+    the mean of the step metric ``entropy`` over the last ``window`` steps is above
+    ``fraction * ln(vocab_size)``; ``fraction`` 0 turns it off. It never stops a run.
+    """
+
+    vocab_size: int
+    window: int = 20
+    fraction: float = 0.8
+    fired_at: int | None = None
+    _recent: deque = field(default_factory=deque, repr=False)
+
+    def update(self, m: dict[str, Any]) -> str | None:
+        """Record one step's metrics (``step``, ``entropy``); return the warning text the
+        first time the rule holds."""
+        self._recent.append(float(m["entropy"]))
+        while len(self._recent) > self.window:
+            self._recent.popleft()
+        if (self.fired_at is not None or self.fraction <= 0 or self.vocab_size < 2
+                or len(self._recent) < self.window):
+            return None
+        ent = sum(self._recent) / self.window
+        top = math.log(self.vocab_size)
+        if ent > self.fraction * top:
+            self.fired_at = int(m["step"])
+            return (f"warning: the policy is diverging towards uniform at step {self.fired_at}: "
+                    f"mean token entropy {ent:.3f} nats over the last {self.window} steps, "
+                    f"{ent / top:.0%} of ln V = {top:.3f} (V = {self.vocab_size}). An entropy "
+                    "bonus does this when rewards are sparse (most groups all wrong, so the "
+                    "bonus is the only signal); lower --entropy-coef, use a longer warm start "
+                    "or --method grpo. The run continues.")
+        return None
+
+    @property
+    def diverged(self) -> bool:
         return self.fired_at is not None

@@ -12,6 +12,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from g2rl.tasks import TASK_NAMES
+
 METHODS = ("g2rl", "grpo", "entropy", "embedding")
 ROLLOUTS = ("auto", "hf", "vllm")
 REWARDS = ("auto", "builtin", "math")
@@ -55,6 +57,10 @@ class TrainConfig:
     data: str = _opt("builtin", "training data: 'builtin', a .jsonl file (prompt, answer), a "
                                 "datasets.save_to_disk directory, or a hub name", type=str,
                      group="model and data")
+    task: str = _opt("subset-sum", "built-in task (--data builtin): subset-sum, countdown (four "
+                                   "numbers, + - * / step by step; the exploration study's "
+                                   "task) or countdown5 (five numbers)", type=str,
+                     choices=TASK_NAMES, group="model and data")
     data_split: str | None = _opt(None, "split of a datasets directory / hub dataset", type=str,
                                   group="model and data")
     data_limit: int | None = _opt(None, "use at most this many training problems", type=int,
@@ -81,8 +87,10 @@ class TrainConfig:
     rollout: str = _opt("auto", "rollout engine (auto: vllm when installed and on CUDA, or with "
                                 "vLLM's CPU build when --max-new-tokens >= 64; else hf)",
                         type=str, choices=ROLLOUTS, group="rollouts")
-    max_new_tokens: int = _opt(12, "maximum response length in tokens", type=int,
-                               group="rollouts")
+    max_new_tokens: int | None = _opt(None, "maximum response length in tokens (default: the "
+                                            "built-in task's longest answer plus EOS, 12 for "
+                                            "subset-sum and other data, 29 for countdown, 38 "
+                                            "for countdown5)", type=int, group="rollouts")
     temperature: float = _opt(1.0, "sampling temperature (also used for every log-prob)",
                               type=float, group="rollouts")
     top_p: float = _opt(1.0, "nucleus sampling", type=float, group="rollouts")
@@ -157,6 +165,10 @@ class TrainConfig:
                                        "above this", type=float, group="RL")
     collapse_distinct: float = _opt(2.0, "collapse warning: or at most this many distinct "
                                          "responses per group", type=float, group="RL")
+    entropy_warning: float = _opt(0.8, "warn once when the mean token entropy over "
+                                       "--collapse-window steps exceeds this fraction of ln V "
+                                       "(divergence to the uniform policy; 0: off)",
+                                  type=float, group="RL")
     adv_eps: float = _opt(1e-6, "epsilon of the group standardisation", type=float, group="RL")
     scale_advantages: bool = _opt(True, "divide advantages by the group std", type=bool,
                                   group="RL")
@@ -165,6 +177,11 @@ class TrainConfig:
                                        "builtin, else 0)", type=int, group="SFT")
     sft_batch_size: int = _opt(64, "SFT batch size", type=int, group="SFT")
     sft_lr: float = _opt(1e-3, "SFT learning rate", type=float, group="SFT")
+    sft_division_weight: float = _opt(0.05, "countdown: weight of a solution that uses / when "
+                                            "the one SFT trace of a problem is drawn (1 for "
+                                            "the others)", type=float, group="SFT")
+    sft_keep_b_only: float = _opt(0.2, "countdown: share of the problems that need / kept "
+                                       "for the SFT warm start", type=float, group="SFT")
     # evaluation
     eval_problems: int = _opt(200, "held-out problems evaluated (0: no evaluation)", type=int,
                               group="evaluation")
@@ -199,6 +216,15 @@ class TrainConfig:
             return self.reward
         return "builtin" if self.builtin else "math"
 
+    def resolved_max_new_tokens(self) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.builtin:
+            from g2rl.tasks import get_task
+
+            return get_task(self.task).max_new_tokens
+        return 12
+
     def resolved_sft_steps(self) -> int:
         if self.sft_steps is not None:
             return self.sft_steps
@@ -220,7 +246,9 @@ class TrainConfig:
                 _fail(f.name, f"must be one of {', '.join(choices)}", value)
             if isinstance(value, float) and not math.isfinite(value):
                 _fail(f.name, "must be a finite number", value)
-        positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mini_batches",
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            _fail("max_new_tokens", "must be >= 1", self.max_new_tokens)
+        positive = ("steps", "prompts_per_step", "group_size", "mini_batches",
                     "ppo_epochs", "micro_batch_size", "sft_batch_size", "eval_n",
                     "eval_batch_size", "save_every", "keep_checkpoints", "train_problems",
                     "collapse_window", "semantic_every")
@@ -249,6 +277,12 @@ class TrainConfig:
         if self.embedding_model is not None and not Path(
                 self.embedding_model).expanduser().is_dir():
             _fail("embedding_model", "directory not found", self.embedding_model)
+        if not 0 <= self.entropy_warning <= 1:
+            _fail("entropy_warning", "must be in [0, 1]", self.entropy_warning)
+        if self.sft_division_weight < 0:
+            _fail("sft_division_weight", "must be >= 0", self.sft_division_weight)
+        if not 0 <= self.sft_keep_b_only <= 1:
+            _fail("sft_keep_b_only", "must be in [0, 1]", self.sft_keep_b_only)
         if self.novelty_clip <= 0:
             _fail("novelty_clip", "must be > 0", self.novelty_clip)
         if not 0 < self.vllm_gpu_memory_utilization <= 1:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
+from collections import Counter
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 from g2rl.data import Example, encode_prompt, load_examples
 from g2rl.metrics import maj_at_k, mean, pass_at_k
+from g2rl.tasks import TASK_NAMES
 
 __all__ = ["evaluate", "main", "reward_functions"]
 
@@ -44,6 +47,8 @@ def evaluate(
     return_samples: bool = False,
     feature_fn: Callable[[Any], Any] | None = None,
     embed_fn: Callable[[list[str]], Any] | None = None,
+    class_fn: Callable[[str], str] | None = None,
+    rare_fn: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """Sample ``n`` responses per example and score them.
 
@@ -63,6 +68,14 @@ def evaluate(
     ``feature_fn`` (a generated batch -> (prompts x n, d) gradient features) adds
     ``feature_cos_mean`` and ``feature_neg_share``; with ``embed_fn`` (texts -> (N, D)
     embeddings) ``semantic_cos_mean`` and ``semantic_neg_share``.
+
+    Solutions (the ``answer_fn`` strings of the correct samples; equal strings are the same
+    solution): ``distinct_correct_mean`` (distinct correct solutions per problem),
+    ``multi_solution_share`` (share of problems with two or more), ``solution_entropy_mean``
+    (entropy in nats of each problem's distribution of correct solutions, 0 for a problem
+    with none, averaged over problems); with ``rare_fn`` (solution -> uses the rare strategy)
+    ``rare_share`` (share of the correct samples that use it). With ``class_fn`` (gold answer
+    -> class label) ``by_class`` holds every one of these numbers and the pass@k per class.
     """
     from g2rl.geometry import PairStats
 
@@ -138,6 +151,15 @@ def evaluate(
         votes = zip(answers, correct, strict=True)
         out[f"maj@{k}"] = mean(maj_at_k(a, c, k, rng) for a, c in votes)
     out["pass@1"] = mean(c for row in correct for c in row)  # == mean of pass_at_k(n, c, 1)
+    out.update(solution_stats(correct, answers, n, ks, rare_fn))
+    if class_fn is not None:
+        labels = [class_fn(ex.answer) for ex in examples]
+        out["by_class"] = {
+            label: {"n_prompts": labels.count(label), **solution_stats(
+                [c for c, x in zip(correct, labels, strict=True) if x == label],
+                [a for a, x in zip(answers, labels, strict=True) if x == label], n, ks,
+                rare_fn, with_pass=True)}
+            for label in sorted(set(labels))}
     out["mean_reward"] = mean(rewards)
     out["truncated_frac"] = mean(truncated)
     out["mean_response_len"] = mean(lengths)
@@ -150,17 +172,48 @@ def evaluate(
     return out
 
 
-def reward_functions(kind: str) -> tuple[Callable[[str, str], float], Callable[[str], str | None]]:
+def solution_stats(correct: Sequence[Sequence[bool]], answers: Sequence[Sequence[str | None]],
+                   n: int, ks: Sequence[int], rare_fn: Callable[[str], bool] | None = None,
+                   *, with_pass: bool = False) -> dict[str, Any]:
+    """The solution-diversity numbers of :func:`evaluate` over problems (rows of ``n``
+    samples: ``correct`` flags and ``answer_fn`` strings); with ``with_pass`` also pass@1 and
+    the unbiased pass@k for ``ks``."""
+    out: dict[str, Any] = {}
+    if with_pass:
+        out["pass@1"] = mean(c for row in correct for c in row)
+        for k in ks:
+            out[f"pass@{k}"] = mean(pass_at_k(n, sum(row), k) for row in correct)
+    distinct, entropy, rare, total = [], [], 0, 0
+    for row_ok, row_ans in zip(correct, answers, strict=True):
+        sols = Counter(a if a is not None else "?" for ok, a in zip(row_ok, row_ans,
+                                                                     strict=True) if ok)
+        distinct.append(len(sols))
+        tot = sum(sols.values())
+        entropy.append(-sum(c / tot * math.log(c / tot) for c in sols.values()) if tot else 0.0)
+        if rare_fn is not None:
+            rare += sum(c for a, c in sols.items() if a != "?" and rare_fn(a))
+            total += tot
+    out["distinct_correct_mean"] = mean(distinct)
+    out["multi_solution_share"] = mean(d >= 2 for d in distinct)
+    out["solution_entropy_mean"] = mean(entropy)
+    if rare_fn is not None:
+        out["rare_share"] = rare / total if total else 0.0
+    return out
+
+
+def reward_functions(kind: str, task: str = "subset-sum",
+                     ) -> tuple[Callable[[str, str], float], Callable[[str], str | None]]:
     """``(reward_fn, answer_fn)`` for ``"math"`` (math-verify on the boxed answer) or
-    ``"builtin"`` (the trainer's built-in task, imported lazily)."""
+    ``"builtin"`` (the built-in ``task`` of :mod:`g2rl.tasks`, imported lazily)."""
     if kind == "math":
         from g2rl.rewards import extract_boxed, math_reward
 
         return math_reward, extract_boxed
     if kind == "builtin":
-        from g2rl import task
+        from g2rl.tasks import get_task
 
-        return task.reward, task.extract_answer
+        t = get_task(task)
+        return t.reward, t.extract_answer
     raise ValueError(f"unknown reward {kind!r}; choose math or builtin")
 
 
@@ -186,13 +239,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="response budget (default: 1024 for math, 16 for builtin)")
+                   help="response budget (default: 1024 for math, for builtin the task's "
+                        "longest answer plus EOS: 16 for subset-sum, 29 for countdown)")
     p.add_argument("--reward", choices=("math", "builtin"), default=None,
                    help="verifier (default: builtin for --data builtin, else math)")
     p.add_argument("--system-prompt", default=None,
                    help="system prompt (default: the paper's for math, none for builtin)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--seed", type=int, default=0, help="sampling and tie-breaking seed")
+    p.add_argument("--task", choices=TASK_NAMES, default="subset-sum",
+                   help="built-in task (--data builtin)")
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the built-in task's problem generator (--data builtin)")
     p.add_argument("--rollout", choices=("hf", "vllm", "auto"), default="hf",
@@ -228,11 +284,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     builtin = args.data == "builtin"
     reward_kind = args.reward or ("builtin" if builtin else "math")
     if builtin:
-        from g2rl import task
+        from g2rl.tasks import get_task
 
         args.split = args.split or "test"
-        examples = task.make_examples(args.split, args.limit or DEFAULT_BUILTIN_PROBLEMS,
-                                      seed=args.data_seed)
+        examples = get_task(args.task).make_examples(
+            args.split, args.limit or DEFAULT_BUILTIN_PROBLEMS, args.data_seed)
     else:
         try:
             examples = load_examples(args.data, split=args.split, limit=args.limit,
@@ -248,6 +304,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         system_prompt = MATH_SYSTEM_PROMPT
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[reward_kind]
+    task = None
+    if reward_kind == "builtin":
+        from g2rl.tasks import get_task
+
+        task = get_task(args.task)
+        if args.max_new_tokens is None and args.task != "subset-sum":
+            max_new = task.max_new_tokens
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -255,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     model = AutoModelForCausalLM.from_pretrained(str(ckpt)).to(device)
-    reward_fn, answer_fn = reward_functions(reward_kind)
+    reward_fn, answer_fn = reward_functions(reward_kind, args.task)
     rollout = None
     if args.rollout != "hf":
         from g2rl.rollout import make_rollout
@@ -268,10 +331,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new, seed=args.seed,
         batch_size=args.batch_size, system_prompt=system_prompt, rollout=rollout,
         progress=not args.no_progress,
+        class_fn=task.problem_class if task is not None else None,
+        rare_fn=task.rare_strategy if task is not None else None,
     )
     results["config"] = {
         "checkpoint": str(ckpt), "data": args.data, "split": args.split, "reward": reward_kind,
-        "n": args.n, "k": ks, "temperature": args.temperature, "top_p": args.top_p,
+        "task": args.task if builtin else None, "n": args.n, "k": ks, "temperature": args.temperature, "top_p": args.top_p,
         "max_new_tokens": max_new, "seed": args.seed, "system_prompt": system_prompt,
         "limit": args.limit, "data_seed": args.data_seed if builtin else None,
     }

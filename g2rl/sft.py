@@ -1,8 +1,10 @@
-"""The short supervised warm-start on the built-in task (cross-entropy on response tokens).
+"""The short supervised warm-start on a built-in task (cross-entropy on response tokens).
 
-Each step draws ``batch_size`` training problems and one correct completion of each, uniformly
-among all correct completions (:func:`g2rl.task.sample_solution`), so the warm-started policy
-spreads its mass over the many correct answers rather than one canonical answer.
+Each step draws ``batch_size`` training problems and one correct completion of each from the
+task's ``sft_solution``: for subset-sum uniformly among all correct completions
+(:func:`g2rl.tasks.subset_sum.sample_solution`), so the warm-started policy spreads its mass over
+the many correct answers; for Countdown the one trace chosen for that problem, which shows
+``/`` rarely (:func:`g2rl.tasks.countdown.sft_pick`).
 """
 
 from __future__ import annotations
@@ -14,25 +16,33 @@ from typing import Any
 
 import torch
 
-from g2rl import task
 from g2rl.data import Example, encode_prompt
+from g2rl.tasks import subset_sum
+
+#: ``(answer, rng, seed) -> completion``: the SFT trace of a problem
+SolutionFn = Callable[[str, random.Random, int], str]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN or infinite."""
 
 
+def _subset_sum_solution(answer: str, rng: random.Random, seed: int) -> str:
+    return subset_sum.sample_solution(answer, rng)
+
+
 def sft_batch(
     tokenizer: Any, examples: Sequence[Example], rng: random.Random, system_prompt: str | None,
-    device: torch.device,
+    device: torch.device, solution_fn: SolutionFn = _subset_sum_solution, seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` (B, L), ``attention_mask`` (B, L) and ``labels`` (B, L)
-    (-100 outside the response; HF shifts them)."""
+    (-100 outside the response; HF shifts them). ``solution_fn(answer, rng, seed)`` gives the
+    completion shown for a problem (default: subset-sum's, uniform over its solutions)."""
     eos = tokenizer.eos_token_id
     seqs, labels = [], []
     for ex in examples:
         prompt = encode_prompt(tokenizer, ex.prompt, system_prompt)
-        answer = task.sample_solution(ex.answer, rng)
+        answer = solution_fn(ex.answer, rng, seed)
         resp = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
         seqs.append(prompt + resp)
         labels.append([-100] * len(prompt) + resp)
@@ -60,6 +70,7 @@ def run_sft(
     system_prompt: str | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    solution_fn: SolutionFn = _subset_sum_solution,
 ) -> list[float]:
     """Fine-tune ``model`` in place for ``steps`` AdamW steps (cosine decay, 10% warm-up).
 
@@ -95,7 +106,8 @@ def run_sft(
             pos = 0
         batch = [examples[j] for j in order[pos : pos + batch_size]]
         pos += batch_size
-        ids, mask, labels = sft_batch(tokenizer, batch, rng, system_prompt, device)
+        ids, mask, labels = sft_batch(tokenizer, batch, rng, system_prompt, device,
+                                      solution_fn=solution_fn, seed=seed)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"SFT step {i + 1}: loss is {float(loss)}")

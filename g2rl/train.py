@@ -118,12 +118,19 @@ def load_model(path: Path, device: Any, dtype: Any) -> Any:
     return model.to(device)
 
 
+def builtin_task(cfg: TrainConfig) -> Any:
+    """The :class:`~g2rl.tasks.Task` of ``--task`` with the run's SFT options."""
+    from g2rl.tasks import get_task
+
+    return get_task(cfg.task, division_weight=cfg.sft_division_weight,
+                    keep_b_only=cfg.sft_keep_b_only)
+
+
 def load_data(cfg: TrainConfig) -> tuple[list, list]:
     """(training examples, held-out examples)."""
-    from g2rl import task
-
+    task = builtin_task(cfg)
     if cfg.builtin:
-        train = task.make_examples("train", cfg.train_problems, seed=0)
+        train = task.make_examples("train", cfg.train_problems, 0)
         if cfg.data_limit:
             train = train[: cfg.data_limit]
     else:
@@ -133,7 +140,7 @@ def load_data(cfg: TrainConfig) -> tuple[list, list]:
         if cfg.eval_data and cfg.eval_data != "builtin":
             held_out = _load(cfg.eval_data, "--eval-data", cfg.eval_split, cfg.eval_problems)
         elif cfg.builtin or cfg.eval_data == "builtin":
-            held_out = task.make_examples("test", cfg.eval_problems, seed=0)
+            held_out = task.make_examples("test", cfg.eval_problems, 0)
     if not train:
         raise RunError(f"--data {cfg.data}: no examples")
     return train, held_out
@@ -147,6 +154,29 @@ def _load(source: str, option: str, split: str | None, limit: int | None) -> lis
     except (FileNotFoundError, ValueError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         raise RunError(f"{option} {source}: {msg}") from exc
+
+
+def lm_head_rows(model: Any) -> int:
+    """V: the number of rows of the model's output embedding (its vocabulary)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def sft_trace_stats(task: Any, sft_examples: list, n_train: int, seed: int) -> dict[str, Any]:
+    """What the SFT warm start shows: problems kept, and (for a task with a rare strategy) the
+    share of its traces that use it, measured on one drawn trace per problem."""
+    info: dict[str, Any] = {"task": task.name, "problems": len(sft_examples),
+                            "train_problems": n_train}
+    if task.rare_strategy is not None and sft_examples:
+        rng = random.Random(f"g2rl-sft-stats:{seed}")
+        rare = 0
+        for ex in sft_examples:
+            canon = task.extract_answer(task.sft_solution(ex.answer, rng, seed))
+            rare += bool(canon is not None and task.rare_strategy(canon))
+        info["rare_trace_share"] = rare / len(sft_examples)
+    if task.problem_class is not None:
+        labels = [task.problem_class(ex.answer) for ex in sft_examples]
+        info["class_share"] = {c: labels.count(c) / max(1, len(labels)) for c in task.classes}
+    return info
 
 
 def save_warm_start(model: Any, tokenizer: Any, run_dir: Path, evals: dict[str, Any],
@@ -252,7 +282,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from g2rl import checkpoint as ck
-    from g2rl.collapse import CollapseMonitor
+    from g2rl.collapse import CollapseMonitor, EntropyMonitor
     from g2rl.eval import evaluate, reward_functions
     from g2rl.plot import plot_run, read_metrics
     from g2rl.rewards import MATH_SYSTEM_PROMPT
@@ -275,7 +305,9 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     say = tqdm.write
 
     reward_kind = cfg.resolved_reward()
-    reward_fn, answer_fn = reward_functions(reward_kind)
+    reward_fn, answer_fn = reward_functions(reward_kind, cfg.task)
+    task = builtin_task(cfg) if cfg.builtin else None
+    max_new_tokens = cfg.resolved_max_new_tokens()
     system_prompt = cfg.system_prompt
     if system_prompt is None and reward_kind == "math":
         system_prompt = MATH_SYSTEM_PROMPT
@@ -292,6 +324,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     pad_id = int(tokenizer.pad_token_id)
     sft_steps = cfg.resolved_sft_steps()
     resolved = {"resolved": {"run_dir": str(run_dir), "model_path": str(source),
+                             "max_new_tokens": max_new_tokens,
                              "reward": reward_kind, "sft_steps": sft_steps,
                              "system_prompt": system_prompt, "device": str(device),
                              "dtype": str(dtype).removeprefix("torch.")}}
@@ -309,11 +342,13 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         res = evaluate(model, tokenizer, held_out, reward_fn=reward_fn, answer_fn=answer_fn,
                        n=cfg.eval_n, ks=[k for k in cfg.ks() if k <= cfg.eval_n],
                        temperature=cfg.eval_temperature, top_p=cfg.top_p,
-                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 12345,
+                       max_new_tokens=max_new_tokens, seed=cfg.seed + 12345,
                        batch_size=cfg.eval_batch_size, system_prompt=system_prompt,
                        progress=False,
                        feature_fn=lambda b: rollout_features(model, b, pad_id, cfg.temperature),
-                       embed_fn=embedder.embed if embedder is not None else None)
+                       embed_fn=embedder.embed if embedder is not None else None,
+                       class_fn=task.problem_class if task is not None else None,
+                       rare_fn=task.rare_strategy if task is not None else None)
         res["when"] = label
         evals[name] = res
         ck.write_text_atomic(summary_path, json.dumps(evals, indent=2) + "\n")
@@ -328,10 +363,16 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             if sft_steps > 0:
                 if cfg.eval_before_sft:
                     do_eval("before_sft", "before SFT")
-                say(f"SFT warm-start: {sft_steps} steps")
-                run_sft(model, tokenizer, train_examples, steps=sft_steps,
+                sft_examples = task.sft_filter(train_examples, cfg.seed)
+                sft_info = sft_trace_stats(task, sft_examples, len(train_examples), cfg.seed)
+                evals["sft"] = sft_info
+                say(f"SFT warm-start: {sft_steps} steps on {len(sft_examples)} problems"
+                    + (f"; traces with {task.rare_name}: {sft_info['rare_trace_share']:.1%}"
+                       if "rare_trace_share" in sft_info else ""))
+                run_sft(model, tokenizer, sft_examples, steps=sft_steps,
                         batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed,
-                        system_prompt=system_prompt, progress=cfg.progress, should_stop=stop)
+                        system_prompt=system_prompt, progress=cfg.progress, should_stop=stop,
+                        solution_fn=task.sft_solution)
                 if cfg.kl_coef > 0:
                     model.save_pretrained(ref_dir, safe_serialization=True)
             if cfg.eval_start:
@@ -345,7 +386,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             ref_model.requires_grad_(False)
 
         rollout_kw: dict[str, Any] = dict(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             top_k=cfg.top_k, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             enable_sleep_mode=cfg.vllm_sleep, seed=cfg.seed,
             kv_cache_gib=cfg.vllm_kv_cache_gib or None,
@@ -359,7 +400,8 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             raise RunError(f"--tis-cap needs the vLLM rollout's log-probs, but --rollout "
                            f"{cfg.rollout} gave {type(rollout).__name__}; use --rollout vllm")
         trainer = Trainer(cfg, model, tokenizer, train_examples, reward_fn, rollout,
-                          ref_model=ref_model, system_prompt=system_prompt, embedder=embedder)
+                          ref_model=ref_model, system_prompt=system_prompt, embedder=embedder,
+                          answer_fn=answer_fn if task is not None else None)
         metrics_path = run_dir / "metrics.jsonl"
         if latest is None:
             ck.save_checkpoint(ckpt_dir, 0, model, tokenizer, trainer.optimizer, trainer.state(),
@@ -375,8 +417,13 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         prior = read_metrics(metrics_path)
         monitor = CollapseMonitor(window=cfg.collapse_window, cosine=cfg.collapse_cosine,
                                   distinct=cfg.collapse_distinct)
+        vocab = int(lm_head_rows(model))
+        entropy_monitor = EntropyMonitor(vocab_size=vocab, window=cfg.collapse_window,
+                                         fraction=cfg.entropy_warning)
         for m in prior:  # a resumed run warns at most once, as an uninterrupted one
             monitor.update(m)
+            if "entropy" in m:
+                entropy_monitor.update(m)
         elapsed0 = prior[-1]["elapsed"] if prior and "elapsed" in prior[-1] else 0.0
         t_loop = time.perf_counter()
         saved_step = trainer.step_count
@@ -392,6 +439,10 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                 m["collapse_warning"] = monitor.collapsed
                 if warning:
                     say(warning)
+                diverging = entropy_monitor.update(m)
+                m["entropy_warning"] = entropy_monitor.diverged
+                if diverging:
+                    say(diverging)
                 append_jsonl(metrics_path, m)
                 step = trainer.step_count
                 if step % cfg.save_every == 0 or step == cfg.steps:

@@ -235,6 +235,38 @@ def geometry_metrics(nov: g2rl_kernels.NoveltyOutput, rewards: torch.Tensor,
     return out
 
 
+#: novelty difference between the correct answers of a group that counts as "separated"
+NOVELTY_SPREAD = 0.1
+
+
+def exploration_metrics(nov: g2rl_kernels.NoveltyOutput, rewards: torch.Tensor,
+                        features: torch.Tensor, cfg: Any) -> dict[str, float]:
+    """Could G2RL's exploration half act this step?
+
+    - ``multi_correct_frac``: share of groups with two or more correct answers (reward > 0);
+    - ``novelty_spread_frac``: of those, the share whose correct answers' novelty scores differ
+      by more than :data:`NOVELTY_SPREAD` (max - min);
+    - ``adv_moved``: the advantage mass moved relative to plain GRPO standardisation,
+      sum |A - A_grpo| / sum |A_grpo| (0 for grpo and entropy).
+    """
+    ok = rewards > 0
+    multi = ok.sum(dim=1) >= 2
+    spread = 0
+    for b in multi.nonzero().flatten().tolist():
+        nu = nov.novelty[b][ok[b]]
+        spread += int(float(nu.max() - nu.min()) > NOVELTY_SPREAD)
+    n_multi = int(multi.sum())
+    grpo = advantages_for("grpo", features, rewards, lam=0.0, clip=None,
+                          mode=cfg.novelty_mode, eps=cfg.adv_eps, scale=cfg.scale_advantages,
+                          span_floor=cfg.novelty_span_floor, std_floor=cfg.novelty_std_floor,
+                          uniform_groups=cfg.uniform_groups).advantages
+    base = float(grpo.abs().sum())
+    moved = float((nov.advantages - grpo).abs().sum())
+    return {"multi_correct_frac": n_multi / max(1, rewards.shape[0]),
+            "novelty_spread_frac": spread / n_multi if n_multi else 0.0,
+            "adv_moved": moved / base if base > 0 else 0.0}
+
+
 class Interrupted(KeyboardInterrupt):
     """A run stopped by SIGINT or SIGTERM. ``exit_code`` is 128 + the signal number (130 for
     Ctrl-C, 143 for SIGTERM); ``saved`` tells whether a checkpoint of the last completed step
@@ -313,6 +345,7 @@ class Trainer:
         ref_model: torch.nn.Module | None = None,
         system_prompt: str | None = None,
         embedder: Any = None,
+        answer_fn: Callable[[str], str | None] | None = None,
     ) -> None:
         if not examples:
             raise ValueError("no training examples")
@@ -336,6 +369,10 @@ class Trainer:
         )
         self.step_count = 0  # completed RL steps
         self.data_position = 0  # prompts consumed
+        # coverage, free from the rollouts: problems solved at least once, distinct solutions
+        self.answer_fn = answer_fn
+        self.solved: set[int] = set()
+        self.found: set[tuple[int, str]] = set()
         self._prompt_cache: dict[int, list[int]] = {}
         kill = os.environ.get(KILL_ENV)
         self._kill_at = int(kill) if kill else None
@@ -414,6 +451,8 @@ class Trainer:
                              span_floor=cfg.novelty_span_floor, std_floor=cfg.novelty_std_floor,
                              uniform_groups=cfg.uniform_groups)
         geometry = geometry_metrics(nov, group_rewards, features, semantic, novelty_from)
+        geometry.update(exploration_metrics(nov, group_rewards, features, cfg))
+        geometry.update(self.coverage(idx, roll.texts, rewards))
         t_old = time.perf_counter()
 
         stats, grad_norms = self.update(batch, old.logprobs, ref_logp,
@@ -531,9 +570,27 @@ class Trainer:
         return total, grad_norms
 
     # ------------------------------------------------------------------ state
+    def coverage(self, idx: Sequence[int], texts: Sequence[str],
+                 rewards: torch.Tensor) -> dict[str, float]:
+        """Cumulative coverage after this step's rollouts: ``coverage_solved`` (training
+        problems solved at least once, over the training set), ``coverage_solutions`` (distinct
+        correct solutions found, by the task's canonical form; with no ``answer_fn`` by text)."""
+        g = self.cfg.group_size
+        for k, text in enumerate(texts):
+            if float(rewards[k]) > 0:
+                i = idx[k // g]
+                self.solved.add(i)
+                canon = self.answer_fn(text) if self.answer_fn is not None else text.strip()
+                self.found.add((i, canon if canon is not None else text.strip()))
+        return {"coverage_solved": len(self.solved) / len(self.examples),
+                "coverage_solutions": float(len(self.found))}
+
     def state(self) -> dict[str, Any]:
-        return {"step": self.step_count, "data_position": self.data_position}
+        return {"step": self.step_count, "data_position": self.data_position,
+                "solved": sorted(self.solved), "found": sorted(self.found)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step"])
         self.data_position = int(state["data_position"])
+        self.solved = {int(i) for i in state.get("solved", [])}
+        self.found = {(int(i), str(s)) for i, s in state.get("found", [])}
