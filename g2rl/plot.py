@@ -1,4 +1,5 @@
-"""PNG plot of reward and accuracy per RL step (matplotlib, Agg backend).
+"""PNG plots (matplotlib, Agg backend): reward and accuracy per RL step of a run, and pass@k
+against k for a study (:func:`plot_passk`).
 
 ``python -m g2rl.plot RUN_DIR`` redraws ``RUN_DIR/training.png`` from ``metrics.jsonl``.
 """
@@ -75,6 +76,39 @@ def plot_run(metrics: list[dict[str, Any]], out: str | Path,
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_passk(out: str | Path, panels: dict[str, dict[str, dict[int, float]]], title: str,
+               dashed: tuple[str, ...] = ()) -> Path:
+    """pass@k against k (log2 axis): one subplot per panel (``{panel title: {curve label:
+    {k: pass@k}}}``), one line per curve; the curves named in ``dashed`` dashed and grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, (name, curves) in zip(axes[0], panels.items(), strict=True):
+        for label, curve in curves.items():
+            ks = sorted(curve)
+            style = dict(ls="--", color="grey") if label in dashed else {}
+            ax.plot(ks, [curve[k] for k in ks], marker="o", ms=3, label=label, **style)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({k for curve in curves.values() for k in curve})
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("k")
+        ax.set_ylabel("pass@k")
+        ax.set_title(name)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
 

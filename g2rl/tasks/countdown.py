@@ -48,7 +48,8 @@ OPS = "+-*/"
 #: problem sizes: name -> (count of numbers, lowest target, highest target)
 SETTINGS = {"countdown": (4, 10, 40), "countdown5": (5, 10, 50)}
 
-_STEP = re.compile(r"^\s*(\d{1,3})\s*([-+*/])\s*(\d{1,3})\s*=\s*(\d{1,3})\s*$")
+_NUM = r"([1-9][0-9]{0,2})"  # ASCII digits, no leading zero
+_STEP = re.compile(rf"^\s*{_NUM}\s*([-+*/])\s*{_NUM}\s*=\s*{_NUM}\s*$", re.ASCII)
 
 # A canonical expression: an int leaf, or (op, children) with op in "+*" (children a sorted
 # tuple, no child of the same op: chains flattened) or in "-/" (exactly two children, ordered).
@@ -334,6 +335,8 @@ def sft_pick(answer: str, seed: int, *, division_weight: float = SFT_DIVISION_WE
     if not sols:
         raise ValueError(f"countdown: problem {answer!r} has no solution")
     weights = [division_weight if uses_division(e) else 1.0 for e in sols]
+    if not any(weights):  # B-only with division_weight 0: its own solutions, equally
+        weights = [1.0] * len(sols)
     rng = random.Random(f"g2rl-countdown-sft:{answer}:{seed}")
     return rng.choices(sols, weights=weights)[0]
 
