@@ -805,14 +805,24 @@ def _md_by_class(part: list[dict[str, Any]], keys: list[str], baseline: str) -> 
     return [*lines, ""]
 
 
+_EXPLORATION_HEADERS = {
+    "distinct_correct_mean": "distinct correct", "solution_entropy_mean": "solution entropy",
+    "both:rare_share": "rare share (both)", "coverage_solved_last": "problems solved",
+    "coverage_solutions_last": "solutions found", "multi_correct_frac": "groups ≥ 2 correct",
+    "novelty_spread_frac": "novelty spread", "adv_moved": "advantage moved"}
+
+
 def _md_exploration(part: list[dict[str, Any]], start: dict[str, Any]) -> list[str]:
-    """Exploration per variant (mean ± sd over seeds), with the warm start's eval numbers."""
+    """Exploration per variant (mean ± sd over seeds), with the warm start's eval numbers;
+    a column only where some variant has the number."""
     if not any(r.get("exploration") for r in part):
         return []
     b_key = next((k for r in part for k in r["exploration"] if k.startswith("B:pass@")),
                  "B:pass@k")
-    cols = ["distinct_correct_mean", "solution_entropy_mean", "both:rare_share", b_key,
-            "coverage_solved_last", "coverage_solutions_last", *STEP_EXPLORATION]
+    headers = {**_EXPLORATION_HEADERS, b_key: f"{b_key.removeprefix('B:')} (B-only)"}
+    order = ["distinct_correct_mean", "solution_entropy_mean", "both:rare_share", b_key,
+             "coverage_solved_last", "coverage_solutions_last", *STEP_EXPLORATION]
+    cols = [k for k in order if any(k in r["exploration"] for r in part)]
     lines = ["Exploration. End of RL: distinct correct solutions per problem, entropy (nats) "
              "of the correct solutions per problem, share of the correct samples on `both` "
              f"problems that use the rare strategy, {b_key.removeprefix('B:')} on B-only "
@@ -820,16 +830,14 @@ def _md_exploration(part: list[dict[str, Any]], start: dict[str, Any]) -> list[s
              "distinct correct solutions found (cumulative, last step); means over steps of "
              "the share of groups with two or more correct answers, of those the share whose "
              "novelty differs by > 0.1, and the advantage mass moved relative to GRPO "
-             "(sum |A - A_grpo| / sum |A_grpo|).", "",
-             "| variant | distinct correct | solution entropy | rare share (both) | "
-             f"{b_key.removeprefix('B:')} (B-only) | problems solved | solutions found | "
-             "groups ≥ 2 correct | novelty spread | advantage moved | entropy warning |",
+             "(sum |A - A_grpo| / sum |A_grpo|). Entropy warning: seeds whose mean token "
+             "entropy diverged towards uniform.", "",
+             "| variant | " + " | ".join(headers[k] for k in cols) + " | entropy warning |",
              "|---" * (len(cols) + 2) + "|"]
     if start:
         at = {**start["overall"], **{f"{c}:{k}": v for c, x in start["by_class"].items()
                                      for k, v in x.items()}}
-        lines.append("| start of RL | " + " | ".join(_fmt(at.get(k)) for k in cols[:4]) +
-                     " |" + " - |" * (len(cols) - 4 + 1))
+        lines.append("| start of RL | " + " | ".join(_fmt(at.get(k)) for k in cols) + " | - |")
     for r in part:
         ex = r["exploration"]
         lines.append(f"| {r['variant']} | " + " | ".join(
