@@ -173,8 +173,10 @@ class TrainConfig:
     scale_advantages: bool = _opt(True, "divide advantages by the group std", type=bool,
                                   group="RL")
     # SFT warm start
-    sft_steps: int | None = _opt(None, "supervised warm-start steps (default: 250 with --data "
-                                       "builtin, else 0)", type=int, group="SFT")
+    sft_steps: int | None = _opt(None, "supervised warm-start steps (default with --data "
+                                       "builtin: the task's, 250 for subset-sum, 1000 for "
+                                       "countdown and countdown5; else 0)", type=int,
+                                 group="SFT")
     sft_batch_size: int = _opt(64, "SFT batch size", type=int, group="SFT")
     sft_lr: float = _opt(1e-3, "SFT learning rate", type=float, group="SFT")
     sft_division_weight: float = _opt(0.05, "countdown: weight of a solution that uses / when "
@@ -228,7 +230,11 @@ class TrainConfig:
     def resolved_sft_steps(self) -> int:
         if self.sft_steps is not None:
             return self.sft_steps
-        return 250 if self.builtin else 0
+        if not self.builtin:
+            return 0
+        from g2rl.tasks import get_task
+
+        return get_task(self.task).sft_steps
 
     def ks(self) -> list[int]:
         return parse_ks(self.eval_ks)

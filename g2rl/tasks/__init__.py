@@ -39,6 +39,8 @@ class Task:
         rare_name: what :attr:`rare_strategy` tests, for reports (e.g. "/").
         max_new_tokens: the default response length in tokens.
         classes: the class labels in report order.
+        sft_steps: the default length of the SFT warm start (``--sft-steps``), calibrated
+            for the tiny model (README, "Tasks").
     """
 
     name: str
@@ -52,6 +54,7 @@ class Task:
     rare_name: str = ""
     max_new_tokens: int = 12
     classes: tuple[str, ...] = ()
+    sft_steps: int = 250
 
 
 def _subset_sum() -> Task:
@@ -86,6 +89,7 @@ def _countdown(setting: str, *, division_weight: float | None = None,
         sft_filter=sft_filter, problem_class=cd.problem_class,
         rare_strategy=lambda canon: "/" in canon, rare_name="/",
         max_new_tokens=cd.max_new_tokens(setting), classes=("A", "B", "both"),
+        sft_steps=cd.SFT_STEPS[setting],
     )
 
 

@@ -322,6 +322,9 @@ def render_steps(e: Expr) -> str:
     return ",".join(steps_of(e))
 
 
+#: default SFT warm-start steps of each setting (calibrated on the tiny model: README)
+SFT_STEPS = {"countdown": 1000, "countdown5": 1000}
+
 #: SFT: relative weight of a solution that uses ``/`` and share of B-only problems kept
 SFT_DIVISION_WEIGHT = 0.05
 SFT_KEEP_B_ONLY = 0.2
