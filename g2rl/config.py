@@ -52,6 +52,11 @@ class TrainConfig:
     # model and data
     model: str = _opt("tiny", "HF model directory, or 'tiny' (a tiny Qwen3 built locally)",
                       type=str, group="model and data")
+    tiny_hidden_size: int = _opt(128, "--model tiny: hidden size (attention heads of 32, MLP "
+                                      "3x wider; 128: 0.8 M parameters)", type=int,
+                                 group="model and data")
+    tiny_layers: int = _opt(4, "--model tiny: number of layers", type=int,
+                            group="model and data")
     cache_dir: str | None = _opt(None, "where the tiny model is cached (default: $G2RL_CACHE or "
                                        "~/.cache/g2rl)", type=str, group="model and data")
     data: str = _opt("builtin", "training data: 'builtin', a .jsonl file (prompt, answer), a "
@@ -318,6 +323,12 @@ class TrainConfig:
         if self.model != "tiny" and not Path(self.model).expanduser().is_dir():
             _fail("model", "model directory not found (give a local HF model directory or "
                            "'tiny')", self.model)
+        for name in ("tiny_hidden_size", "tiny_layers"):
+            if getattr(self, name) < 1:
+                _fail(name, "must be >= 1", getattr(self, name))
+        if self.tiny_hidden_size % 32:
+            _fail("tiny_hidden_size", "must be a multiple of 32 (the head size)",
+                  self.tiny_hidden_size)
         if self.model == "tiny" and not self.builtin:
             _fail("model", "the tiny model only knows the built-in task's characters; give "
                            "an HF model directory with --data other than builtin", self.model)

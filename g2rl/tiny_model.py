@@ -47,6 +47,14 @@ class TinySpec:
     max_position_embeddings: int = 128
     seed: int = 1234
 
+    @classmethod
+    def sized(cls, hidden_size: int = 128, num_hidden_layers: int = 4) -> TinySpec:
+        """The default spec at another width and depth: heads of 32, MLP 3x wider, two
+        key-value heads (the default spec itself for 128 and 4)."""
+        return cls(hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+                   num_hidden_layers=num_hidden_layers, num_attention_heads=hidden_size // 32,
+                   num_key_value_heads=2 if hidden_size // 32 % 2 == 0 else 1)
+
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + "|v1"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -89,9 +89,10 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
 
 def model_source(cfg: TrainConfig) -> Path:
     if cfg.model == "tiny":
-        from g2rl.tiny_model import tiny_model_path
+        from g2rl.tiny_model import TinySpec, tiny_model_path
 
-        return tiny_model_path(cfg.cache_dir)
+        return tiny_model_path(cfg.cache_dir, TinySpec.sized(cfg.tiny_hidden_size,
+                                                            cfg.tiny_layers))
     path = Path(cfg.model).expanduser()
     if not (path / "config.json").is_file():
         raise RunError(f"--model {cfg.model}: no config.json in that directory (not a "
@@ -366,6 +367,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                 sft_examples = task.sft_filter(train_examples, cfg.seed)
                 sft_info = sft_trace_stats(task, sft_examples, len(train_examples), cfg.seed)
                 evals["sft"] = sft_info
+                ck.write_text_atomic(summary_path, json.dumps(evals, indent=2) + "\n")
                 say(f"SFT warm-start: {sft_steps} steps on {len(sft_examples)} problems"
                     + (f"; traces with {task.rare_name}: {sft_info['rare_trace_share']:.1%}"
                        if "rare_trace_share" in sft_info else ""))
