@@ -11,8 +11,8 @@ import argparse
 import json
 import math
 import random
-from collections import Counter
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -336,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     results["config"] = {
         "checkpoint": str(ckpt), "data": args.data, "split": args.split, "reward": reward_kind,
-        "task": args.task if builtin else None, "n": args.n, "k": ks, "temperature": args.temperature, "top_p": args.top_p,
+        "task": args.task if builtin else None, "n": args.n, "k": ks,
+        "temperature": args.temperature, "top_p": args.top_p,
         "max_new_tokens": max_new, "seed": args.seed, "system_prompt": system_prompt,
         "limit": args.limit, "data_seed": args.data_seed if builtin else None,
     }

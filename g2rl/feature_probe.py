@@ -32,8 +32,8 @@ def probe(model_dir: str, *, problems: int = 64, group_size: int = 8, seed: int 
 
     import g2rl_kernels
     from g2rl.data import encode_prompt
-    from g2rl.tasks import get_task
     from g2rl.rollout import HFRollout
+    from g2rl.tasks import get_task
     from g2rl.trainer import advantages_for, rollout_features
 
     torch.manual_seed(seed)

@@ -34,8 +34,8 @@ import math
 import random
 import re
 from collections import Counter
-from functools import lru_cache
 from collections.abc import Iterator
+from functools import lru_cache
 from itertools import combinations_with_replacement, permutations
 
 from g2rl.data import Example
@@ -286,17 +286,20 @@ def _emissions(x: Expr) -> Iterator[tuple[list[str], int]]:
         return
     base = sorted(kids, key=lambda k: (isinstance(k, int), -_value(k)))
     for order in permutations(base):
-        def chain(i: int, steps: list[str], acc: int) -> Iterator[tuple[list[str], int]]:
-            if i == len(order):
-                yield steps, acc
-                return
-            for sk, vk in _emissions(order[i]):
-                a, b = max(acc, vk), min(acc, vk)
-                c = apply(op, a, b)
-                yield from chain(i + 1, steps + sk + [f"{a}{op}{b}={c}"], c)
-
         for s0, v0 in _emissions(order[0]):
-            yield from chain(1, s0, v0)
+            yield from _chain(op, order, 1, s0, v0)
+
+
+def _chain(op: str, order: tuple, i: int, steps: list[str],
+           acc: int) -> Iterator[tuple[list[str], int]]:
+    """The renderings of combining ``order[i:]`` into ``acc`` with ``op``, one at a time."""
+    if i == len(order):
+        yield steps, acc
+        return
+    for sk, vk in _emissions(order[i]):
+        a, b = max(acc, vk), min(acc, vk)
+        c = apply(op, a, b)
+        yield from _chain(op, order, i + 1, steps + sk + [f"{a}{op}{b}={c}"], c)
 
 
 def steps_of(e: Expr, *, tries: int = 200) -> list[str]:

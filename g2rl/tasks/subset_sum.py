@@ -1,4 +1,4 @@
-"""The subset-sum task (the built-in default): pick some of the given digits so that they add up to the target.
+"""Subset-sum (the default task): pick some of the given digits that add up to the target.
 
 A problem lists ``NUM_DIGITS`` digits (1-9, repeats allowed) and a target, e.g. the prompt
 ``"3 5 8 1 7>12"``. A completion is a sum of some of those digits, e.g. ``"8+1+3"``, ``"5+7"``
