@@ -65,9 +65,9 @@ from g2rl.collapse import CollapseMonitor
 from g2rl.config import ConfigError, TrainConfig, flag, parse_config
 
 #: SFT warm-start steps of the ``countdown`` scenario.
-COUNTDOWN_SFT_STEPS = "2000"
+COUNTDOWN_SFT_STEPS = "1000"
 #: SFT warm-start steps of the ``countdown-sparse`` scenario (a weaker start).
-COUNTDOWN_SPARSE_SFT_STEPS = "500"
+COUNTDOWN_SPARSE_SFT_STEPS = "250"
 #: The evaluation of the countdown scenarios: 128 samples per problem, so pass@k up to 128.
 COUNTDOWN_EVAL = {"eval_n": "128", "eval_ks": "1,2,4,8,16,32,64,128", "eval_problems": "128"}
 
