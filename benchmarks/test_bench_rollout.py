@@ -24,7 +24,7 @@ import torch
 
 from g2rl.data import encode_prompt
 from g2rl.rollout import HFRollout
-from g2rl.task import make_examples
+from g2rl.tasks.subset_sum import make_examples
 from g2rl.tiny_model import TinySpec, tiny_model_path
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

@@ -1,6 +1,6 @@
 """Prompt/answer data: JSONL files, ``datasets`` directories and hub names.
 
-The built-in task (``"builtin"``) is handled by the trainer (``g2rl.task``), not here.
+The built-in tasks (``--data builtin``) live in :mod:`g2rl.tasks`, not here.
 """
 
 from __future__ import annotations
