@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+#: The warning's advice for ``python -m g2rl.train`` (its flags).
+ADVICE = ("G2RL with uniform_groups='shape' collapses like this when rewards are sparse; "
+          "consider --uniform-groups zero, a longer warm start or a smaller --novelty-lambda.")
+
+
 @dataclass
 class CollapseMonitor:
     """Feed it every step's metrics; ``update`` returns a warning message once, else None."""
@@ -33,6 +38,8 @@ class CollapseMonitor:
     fired_at: int | None = None
     _recent: deque = field(default_factory=deque, repr=False)
     _first: list = field(default_factory=list, repr=False)
+    #: the message's advice sentence(s); None: :data:`ADVICE` (the built-in trainer's flags)
+    advice: str | None = field(default=None, repr=False)
 
     def update(self, m: dict[str, Any]) -> str | None:
         """Record one step's metrics (``step``, ``accuracy``, ``feature_cos_mean``,
@@ -57,9 +64,7 @@ class CollapseMonitor:
                     f"{self.window} steps the responses within a group have mean feature cosine "
                     f"{cos:.3f} and {distinct:.2f} distinct responses per group, while training "
                     f"accuracy is {acc:.3f} (first {len(self._first)} steps: {acc0:.3f}). "
-                    "G2RL with uniform_groups='shape' collapses like this when rewards are "
-                    "sparse; consider --uniform-groups zero, a longer warm start or a smaller "
-                    "--novelty-lambda. The run continues.")
+                    f"{ADVICE if self.advice is None else self.advice} The run continues.")
         return None
 
     @property

@@ -19,6 +19,7 @@ ROLLOUTS = ("auto", "hf", "vllm")
 REWARDS = ("auto", "builtin", "math")
 NOVELTY_MODES = ("centered", "eq12")
 UNIFORM_GROUPS = ("zero", "shape")
+NOVELTY_SHAPES = ("all", "correct")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -151,6 +152,10 @@ class TrainConfig:
     novelty_std_floor: float = _opt(0.05, "floor on the group std of the shaped rewards before "
                                           "the division (spec section 4; 0: off)", type=float,
                                     group="RL")
+    novelty_shape: str = _opt("all", "which answers G2RL shapes: all (the paper) or correct "
+                                     "(wrong answers keep their base reward; only the "
+                                     "exploration half: credit moved among correct answers)",
+                              type=str, choices=NOVELTY_SHAPES, group="RL")
     uniform_groups: str = _opt("zero", "groups whose rewards are all equal: zero (advantage 0, "
                                        "as in GRPO) or shape (the paper; unsafe with sparse "
                                        "rewards)", type=str, choices=UNIFORM_GROUPS, group="RL")

@@ -155,7 +155,8 @@ def rollout_features(model: torch.nn.Module, roll: RolloutBatch, pad_id: int,
 def advantages_for(method: str, features: torch.Tensor, rewards: torch.Tensor, *,
                    lam: float, clip: float | None, mode: str, eps: float, scale: bool,
                    span_floor: float = 0.01, std_floor: float = 0.05,
-                   uniform_groups: str = "zero") -> g2rl_kernels.NoveltyOutput:
+                   uniform_groups: str = "zero", shape: str = "all",
+                   ) -> g2rl_kernels.NoveltyOutput:
     """Advantages (B, G) of ``rewards`` (B, G) from features (B, G, d).
 
     ``g2rl`` (features: the policy's gradient features) and ``embedding`` (features: an external
@@ -163,12 +164,34 @@ def advantages_for(method: str, features: torch.Tensor, rewards: torch.Tensor, *
     ``entropy``: lambda = 0 and no clip, so the shaped reward is the reward itself: plain GRPO
     standardisation; the novelty is still computed (for logging). NaN rewards: see
     :func:`group_novelty_skip_nan`.
+
+    ``shape="correct"`` (a variant, not the paper): only answers with reward > 0 get their
+    shaped reward; the others keep their base reward, so a wrong answer is never rewarded for
+    resembling (or differing from) its peers. The shaped rewards are then standardised as
+    usual (same eps and floors), and a group whose base rewards are all equal still gets
+    advantage 0 with ``uniform_groups="zero"``.
     """
+    if shape not in ("all", "correct"):
+        raise ValueError(f"shape must be 'all' or 'correct', got {shape!r}")
     shaped = method in ("g2rl", "embedding")
-    return group_novelty_skip_nan(
-        features.float(), rewards.float(), lam=lam if shaped else 0.0,
-        clip=clip if shaped else None, mode=mode, eps=eps, scale_advantages=scale,
-        span_floor=span_floor, std_floor=std_floor, uniform_groups=uniform_groups)
+    kw = dict(mode=mode, eps=eps, scale_advantages=scale, span_floor=span_floor,
+              std_floor=std_floor)
+    out = group_novelty_skip_nan(features.float(), rewards.float(), lam=lam if shaped else 0.0,
+                                 clip=clip if shaped else None, uniform_groups=uniform_groups,
+                                 **kw)
+    if not shaped or shape == "all":
+        return out
+    r = rewards.float()
+    kept = torch.where(r > 0, out.shaped_rewards, r)  # NaN stays NaN: left out again below
+    again = group_novelty_skip_nan(features.float(), kept, lam=0.0, clip=None,
+                                   uniform_groups="shape", **kw)
+    adv = again.advantages
+    if uniform_groups == "zero":
+        valid = ~torch.isnan(r)
+        hi = torch.where(valid, r, float("-inf")).amax(dim=1)
+        lo = torch.where(valid, r, float("inf")).amin(dim=1)
+        adv = adv.masked_fill((hi <= lo)[:, None], 0.0)
+    return g2rl_kernels.NoveltyOutput(out.cosine, out.novelty, kept.nan_to_num(0.0), adv)
 
 
 def _reward_value(x: float | None) -> float:
@@ -449,7 +472,7 @@ class Trainer:
                              group_rewards, lam=cfg.novelty_lambda, clip=cfg.novelty_clip,
                              mode=cfg.novelty_mode, eps=cfg.adv_eps, scale=cfg.scale_advantages,
                              span_floor=cfg.novelty_span_floor, std_floor=cfg.novelty_std_floor,
-                             uniform_groups=cfg.uniform_groups)
+                             uniform_groups=cfg.uniform_groups, shape=cfg.novelty_shape)
         geometry = geometry_metrics(nov, group_rewards, features, semantic, novelty_from)
         geometry.update(exploration_metrics(nov, group_rewards, features, cfg))
         geometry.update(self.coverage(idx, roll.texts, rewards))
