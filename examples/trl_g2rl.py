@@ -10,7 +10,9 @@ Every ``trl.GRPOConfig`` option is a flag (``--use_vllm``, ``--vllm_mode colocat
   --data_limit   use at most this many problems
 
 Reward: +1 when the last ``\\boxed{}`` answer matches "answer" under math-verify, else -1
-(``g2rl.rewards.math_reward``); the paper's system prompt is prepended.
+(``g2rl.rewards.math_reward``); the paper's system prompt is prepended. ``--g2rl_lambda 0``
+gives TRL's GRPO advantages (with these +-1 rewards every mixed group is above the default
+``--g2rl_std_floor 0.05``; ``--g2rl_std_floor 0`` makes it hold for any reward).
 
 Single process (one GPU, or the CPU with --use_cpu):
 

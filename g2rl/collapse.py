@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-
 #: The warning's advice for ``python -m g2rl.train`` (its flags).
 ADVICE = ("G2RL with uniform_groups='shape' collapses like this when rewards are sparse; "
           "consider --uniform-groups zero, a longer warm start or a smaller --novelty-lambda.")

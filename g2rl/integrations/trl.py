@@ -294,9 +294,12 @@ def collapse_advice(args: G2RLGRPOConfig) -> str:
             "reward > 0.)")
 
 
-#: The collapse rule's feature-cosine criterion (mean within-group cosine above 0.5) is used
-#: only for features of at least this many dimensions; below it, distinct responses of a
-#: random tiny model already reach such cosines, and only the distinct-responses criterion acts.
+#: The collapse rule's feature-cosine criterion (mean within-group cosine above 0.5, calibrated
+#: on the built-in task's 128-dim features) is used only for features of at least this many
+#: dimensions. Below it a cosine says little about the responses: unrelated directions have
+#: cosines of spread 1/sqrt(d) (0.35 at d = 8, 0.125 at d = 64), and a direction that distinct
+#: responses share reaches 0.5 easily. Identical responses (a collapse) have cosine 1 at any d
+#: and are caught by the distinct-responses criterion, which is the only one acting below it.
 COLLAPSE_COSINE_MIN_DIM = 64
 
 
@@ -305,7 +308,7 @@ def collapse_monitor_for(args: G2RLGRPOConfig, num_generations: int,
     """:class:`g2rl.collapse.CollapseMonitor` for a TRL run: its advice names
     ``G2RLGRPOConfig`` fields; the cosine criterion needs ``feature_dim >=``
     :data:`COLLAPSE_COSINE_MIN_DIM`; the distinct criterion (at most 2 distinct responses per
-    group) is at most G / 2, so that groups of 2 or 3 do not fire it by their size alone."""
+    group) is at most G / 2, so that groups of 2 do not fire it by their size alone."""
     monitor = CollapseMonitor(advice=collapse_advice(args))
     if feature_dim < COLLAPSE_COSINE_MIN_DIM:
         monitor.cosine = math.inf
