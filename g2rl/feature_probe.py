@@ -7,7 +7,8 @@ features, the novelty chain and GRPO's advantages, and prints:
 - the feature cosine of response pairs with the *same* text and with *different* texts (can the
   features tell responses apart, and do they see through the text to the answer?);
 - the spread of nu within groups and how often it falls below the span floor;
-- how far the G2RL advantages move from GRPO's in mixed groups, and how often they flip sign;
+- how far the G2RL advantages move from GRPO's in mixed groups, and how often they flip sign
+  (overall, among the correct answers and among the wrong ones);
 - the correlation of nubar with how many peers share a response's text (what "novel" means here).
 
 It answers "does this task leave the features room to differ?" with numbers (README, study).
@@ -86,6 +87,10 @@ def probe(model_dir: str, *, problems: int = 64, group_size: int = 8, seed: int 
         a, b = g2.advantages[mixed], gr.advantages[mixed]
         out["mixed_adv_abs_diff_mean"] = float((a - b).abs().mean())
         out["mixed_adv_sign_flip_frac"] = float(((a * b) < 0).float().mean())
+        ok = r[mixed] > 0  # which answers flip: correct ones pushed down, wrong ones pushed up
+        for name, sel in (("correct", ok), ("wrong", ~ok)):
+            if bool(sel.any()):
+                out[f"mixed_adv_sign_flip_frac_{name}"] = float(((a * b)[sel] < 0).float().mean())
     return out
 
 
