@@ -722,9 +722,12 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], data: dict[str, Any],
              "Held-out evaluation at the end of RL: mean ± sd over seeds. Paired difference to "
              f"`{baseline}`: for each seed, the variant's metric minus `{baseline}`'s (same seed, "
              "same warm-start checkpoint, same evaluation problems and sampling seed); mean over "
-             "seeds with a 95% t-interval (mean ± t(0.975, n-1) sd / sqrt(n)). With 3 seeds "
-             "t = 4.30, so intervals are wide: an interval that contains 0 is no evidence "
-             "either way.", ""]
+             "seeds with a 95% t-interval (mean ± t(0.975, n-1) sd / sqrt(n)); t = "
+             + ", ".join(f"{_T95[n - 2]:.2f} with {n} seeds" for n in sorted(
+                 {len(r["seeds"]) for r in rows if len(r["seeds"]) >= 2})
+                 if 2 <= n <= len(_T95) + 1) +
+             ", so intervals are wide: an interval that contains 0 is no evidence either way.",
+             ""]
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         part = [r for r in rows if r["scenario"] == scenario]
         keys = data.get("table_keys", {}).get(scenario, data.get("metric_keys", []))
