@@ -419,7 +419,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         prior = read_metrics(metrics_path)
         monitor = CollapseMonitor(window=cfg.collapse_window, cosine=cfg.collapse_cosine,
                                   distinct=cfg.collapse_distinct)
-        vocab = int(lm_head_rows(model))
+        vocab = lm_head_rows(model)
         entropy_monitor = EntropyMonitor(vocab_size=vocab, window=cfg.collapse_window,
                                          fraction=cfg.entropy_warning)
         for m in prior:  # a resumed run warns at most once, as an uninterrupted one

@@ -279,15 +279,22 @@ def exploration_metrics(nov: g2rl_kernels.NoveltyOutput, rewards: torch.Tensor,
         nu = nov.novelty[b][ok[b]]
         spread += int(float(nu.max() - nu.min()) > NOVELTY_SPREAD)
     n_multi = int(multi.sum())
+    return {"multi_correct_frac": n_multi / max(1, rewards.shape[0]),
+            "novelty_spread_frac": spread / n_multi if n_multi else 0.0,
+            "adv_moved": _adv_moved(nov, rewards, features, cfg)}
+
+
+def _adv_moved(nov: g2rl_kernels.NoveltyOutput, rewards: torch.Tensor,
+               features: torch.Tensor, cfg: Any) -> float:
+    """sum |A - A_grpo| / sum |A_grpo|; grpo and entropy advantages are GRPO's already (0)."""
+    if cfg.method in ("grpo", "entropy"):
+        return 0.0
     grpo = advantages_for("grpo", features, rewards, lam=0.0, clip=None,
                           mode=cfg.novelty_mode, eps=cfg.adv_eps, scale=cfg.scale_advantages,
                           span_floor=cfg.novelty_span_floor, std_floor=cfg.novelty_std_floor,
                           uniform_groups=cfg.uniform_groups).advantages
     base = float(grpo.abs().sum())
-    moved = float((nov.advantages - grpo).abs().sum())
-    return {"multi_correct_frac": n_multi / max(1, rewards.shape[0]),
-            "novelty_spread_frac": spread / n_multi if n_multi else 0.0,
-            "adv_moved": moved / base if base > 0 else 0.0}
+    return float((nov.advantages - grpo).abs().sum()) / base if base > 0 else 0.0
 
 
 class Interrupted(KeyboardInterrupt):

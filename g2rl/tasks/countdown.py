@@ -30,10 +30,8 @@ the pair puts about 20% of them in the test split.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
-from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
 from itertools import combinations_with_replacement, permutations
@@ -56,10 +54,6 @@ _STEP = re.compile(rf"^\s*{_NUM}\s*([-+*/])\s*{_NUM}\s*=\s*{_NUM}\s*$", re.ASCII
 Expr = int | tuple
 
 
-def _key(e: Expr) -> str:
-    return render(e)
-
-
 def render(e: Expr) -> str:
     """The canonical text of an expression, e.g. ``"((2*6)+5+8)"``; a leaf is its number."""
     if isinstance(e, int):
@@ -77,7 +71,7 @@ def combine(op: str, a: Expr, b: Expr) -> Expr:
                 kids.extend(x[1])
             else:
                 kids.append(x)
-        return (op, tuple(sorted(kids, key=_key)))
+        return (op, tuple(sorted(kids, key=render)))
     return (op, (a, b))
 
 
@@ -102,12 +96,6 @@ def uses_division(e: Expr) -> bool:
     if isinstance(e, int):
         return False
     return e[0] == "/" or any(uses_division(k) for k in e[1])
-
-
-@lru_cache(maxsize=4096)
-def _reachable(numbers: tuple[int, ...]) -> dict[int, frozenset[str]]:
-    """value -> canonical texts of every expression that uses all of ``numbers`` (sorted)."""
-    return {v: frozenset(render(e) for e in es) for v, es in _exprs(numbers).items()}
 
 
 @lru_cache(maxsize=65536)
@@ -149,7 +137,7 @@ def parse_problem(answer: str) -> tuple[tuple[int, ...], int]:
 def solution_exprs(answer: str) -> list[Expr]:
     """Every distinct solution (canonical expression) of the problem ``answer``, sorted."""
     numbers, target = parse_problem(answer)
-    return sorted(_exprs(numbers).get(target, frozenset()), key=_key)
+    return sorted(_exprs(numbers).get(target, frozenset()), key=render)
 
 
 def solutions(answer: str) -> list[str]:
@@ -206,26 +194,31 @@ def _pool_take(pool: list[tuple[int, Expr]], value: int) -> Expr | None:
     return None
 
 
-def check(completion: str, answer: str) -> Expr | None:
-    """The canonical expression of ``completion`` if it solves ``answer``, else None."""
-    numbers, target = parse_problem(answer)
-    text = completion.strip()
-    if not text:
-        return None
-    pool: list[tuple[int, Expr]] = [(x, x) for x in numbers]
-    for step in text.split(","):
+def _read(text: str, pool: list[tuple[int, Expr]], *, strict: bool
+          ) -> list[tuple[int, Expr]] | None:
+    """Apply the steps of ``text`` to ``pool`` ((value, expression) entries, in place); None
+    on a malformed step or wrong arithmetic. ``strict``: every operand must be in the pool;
+    otherwise an operand not in it is read as a given number."""
+    text = text.strip()
+    for step in text.split(",") if text else []:
         m = _STEP.match(step)
         if m is None:
             return None
         a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
         if apply(op, a, b) != c:
             return None
-        ea = _pool_take(pool, a)
-        eb = _pool_take(pool, b) if ea is not None else None
-        if ea is None or eb is None:
+        ea, eb = _pool_take(pool, a), _pool_take(pool, b)
+        if strict and (ea is None or eb is None):
             return None
-        pool.append((c, combine(op, ea, eb)))
-    if len(pool) != 1 or pool[0][0] != target or isinstance(pool[0][1], int):
+        pool.append((c, combine(op, a if ea is None else ea, b if eb is None else eb)))
+    return pool
+
+
+def check(completion: str, answer: str) -> Expr | None:
+    """The canonical expression of ``completion`` if it solves ``answer``, else None."""
+    numbers, target = parse_problem(answer)
+    pool = _read(completion, [(x, x) for x in numbers], strict=True)
+    if pool is None or len(pool) != 1 or pool[0][0] != target or isinstance(pool[0][1], int):
         return None
     return pool[0][1]
 
@@ -239,19 +232,8 @@ def extract_answer(completion: str) -> str | None:
     """The canonical solution of a well-formed, arithmetically correct completion (whatever
     the problem), else None: equal strings are the same solution (for maj@k and the distinct
     solution counts)."""
-    text = completion.strip()
-    pool: list[tuple[int, Expr]] = []
-    for step in text.split(",") if text else []:
-        m = _STEP.match(step)
-        if m is None or apply(m.group(2), int(m.group(1)), int(m.group(3))) != int(m.group(4)):
-            return None
-        a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-        ea = _pool_take(pool, a)
-        ea = a if ea is None else ea  # a given number
-        eb = _pool_take(pool, b)
-        eb = b if eb is None else eb
-        pool.append((c, combine(op, ea, eb)))
-    if len(pool) != 1:
+    pool = _read(completion, [], strict=False)
+    if pool is None or len(pool) != 1:
         return None
     return render(pool[0][1])
 
@@ -316,8 +298,10 @@ def steps_of(e: Expr, *, tries: int = 200) -> list[str]:
     for i, (steps, _) in enumerate(_emissions(e)):
         if first is None:
             first = steps
-        if extract_answer(",".join(steps)) == want or i + 1 >= tries:
-            return steps if extract_answer(",".join(steps)) == want else first
+        if extract_answer(",".join(steps)) == want:
+            return steps
+        if i + 1 >= tries:
+            break
     return first or []
 
 
@@ -356,14 +340,8 @@ def sft_keep(answer: str, seed: int, *, keep_b_only: float = SFT_KEEP_B_ONLY) ->
     return int.from_bytes(h[:4], "big") < keep_b_only * 2**32
 
 
-def solution_entropy(counts: Counter) -> float:
-    """Entropy (nats) of a distribution given by counts (0 for an empty one)."""
-    total = sum(counts.values())
-    return -sum(c / total * math.log(c / total) for c in counts.values() if c) if total else 0.0
-
-
 def max_new_tokens(setting: str) -> int:
-    """The longest valid completion of the setting in tokens (characters) plus the EOS
-    margin: ``n - 1`` steps of at most ``"50*50=50"`` and commas."""
+    """A response budget in tokens (characters) for the setting: ``n - 1`` steps of at most 8
+    characters (``"45+5=50"`` is 7) with their commas, plus 2 (EOS and a margin)."""
     size = SETTINGS[setting][0]
     return (size - 1) * 9 + 2
